@@ -1,0 +1,93 @@
+"""Trainer step time vs a bare PyTorch loop: same model, batches and optimizer, one process.
+
+The trainer step adds DDP (world size 1, gloo), the global loss normalisation all-reduce,
+gradient clipping and the LR schedule; the bare loop is model -> sum of losses ->
+backward -> AdamW step. Rounds alternate between the two so that machine noise hits
+both alike; the ratio of medians is printed.
+
+    .venv/bin/python bench/step_overhead.py [--steps 20] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipelines.convert import convert_demo  # noqa: E402
+from data_pipelines.synthetic import generate_demo_data  # noqa: E402
+from models import build_model  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.train_loop import Trainer, seed_everything  # noqa: E402
+
+SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
+        overrides = [f"data.sources.{i}.path={root / 'shards' / 'train' / s}" for i, s in enumerate(SOURCES)]
+        overrides += [f"run.dir={root / 'run'}", "wandb.mode=disabled", "data.num_workers=0",
+                      "trainer.max_steps=100000", "checkpoint.resume=never"]
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml", overrides)
+
+        os.environ.pop("RANK", None)
+        dist_info = init_distributed(device="cpu")
+        trainer = Trainer(cfg, dist_info)
+        it = iter(trainer.loader)
+        batches = [next(it) for _ in range(args.steps)]
+
+        seed_everything(0)
+        bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes())
+        bare.load_state_dict(trainer.model.module.state_dict())
+        bare_opt = build_optimizer(bare, cfg.optim)
+
+        def bare_round() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                losses, _ = bare(b)
+                total = sum(losses.values())
+                bare_opt.zero_grad(set_to_none=True)
+                total.backward()
+                bare_opt.step()
+            return (time.perf_counter() - t0) / len(batches)
+
+        def trainer_round() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                trainer.train_step(b)
+            return (time.perf_counter() - t0) / len(batches)
+
+        bare_round(), trainer_round()  # warm-up: allocator, first-call costs
+        bare_t, trainer_t = [], []
+        for _ in range(args.rounds):
+            bare_t.append(bare_round())
+            trainer_t.append(trainer_round())
+        trainer.metrics.close()
+        shutdown_distributed()
+
+    b, t = statistics.median(bare_t), statistics.median(trainer_t)
+    print(f"bare loop    : {b * 1000:8.1f} ms/step (median of {args.rounds} rounds x {args.steps} steps)")
+    print(f"trainer step : {t * 1000:8.1f} ms/step")
+    print(f"ratio trainer/bare: {t / b:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

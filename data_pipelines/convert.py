@@ -1,0 +1,536 @@
+"""Convert sources from their native on-disk formats into tar shards + ``manifest.json``.
+
+Shard members follow the format in :mod:`data_pipelines.manifest`. Every converter runs
+the same three steps:
+
+1. read the source's index (COCO json, directory listing) and check its structure;
+2. decode every image (and mask) in parallel: a missing, unreadable or inconsistent file
+   raises a ``FileNotFoundError``/``ValueError`` naming it *before* anything is written;
+3. write the shards in parallel, each to a temporary name renamed when complete, then
+   ``manifest.json`` last.
+
+Shard contents are a pure function of the input: samples go to shards in a fixed order
+whatever the number of workers, and tar headers carry fixed times and owners.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipelines.manifest import MANIFEST_NAME, KeypointSchema, Manifest, ShardInfo
+from data_pipelines.synthetic import DEMO_TASKS
+
+COCO_TASKS = ("detection", "instance_mask", "keypoints")
+DEFAULT_SHARD_MAX_SAMPLES = 1000
+DEFAULT_SHARD_MAX_BYTES = 256 * 2**20
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# OKS sigma for keypoints whose category does not give one (COCO's range is 0.025-0.107).
+DEFAULT_KEYPOINT_SIGMA = 0.05
+# Several shards per demo split, so data-loader workers and ranks have shards to split.
+DEMO_SHARD_MAX_SAMPLES = 32
+
+# Shard member extension for each image format PIL reports; the bytes are copied unchanged.
+_IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_SEMANTIC_IGNORE = 255
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One shard sample: member extension -> file to copy verbatim, or bytes to write."""
+
+    key: str
+    members: dict[str, Path | bytes]
+
+    def num_bytes(self) -> int:
+        return sum(m.stat().st_size if isinstance(m, Path) else len(m) for m in self.members.values())
+
+
+# --- converters ---------------------------------------------------------------------------
+
+
+def convert_coco(
+    images_dir: str | Path,
+    annotation_file: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    tasks: Sequence[str],
+    shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
+    shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+) -> Manifest:
+    """Convert a COCO instances or person-keypoints style source.
+
+    Every image in the json becomes one sample, with or without annotations; ``<key>.json``
+    holds its image dict and annotations exactly as in the file, so evaluation can score
+    against the original ids. Keypoint categories (those with a ``"keypoints"`` list) give
+    ``Manifest.keypoints``; flip pairs and OKS sigmas come from the category's extra keys
+    ``"flip_map"`` and ``"sigmas"`` when present, otherwise flip pairs are matched by
+    ``left_``/``right_`` name prefixes and sigmas default to ``DEFAULT_KEYPOINT_SIGMA``.
+
+    Args:
+        images_dir: directory that the images' ``file_name`` entries are relative to.
+        annotation_file: the COCO json.
+        out_dir: where shards and ``manifest.json`` go.
+        name: source name; shards are ``<name>-NNNNNN.tar``.
+        tasks: the tasks this source labels, a subset of ``COCO_TASKS``.
+        shard_max_samples, shard_max_bytes: a shard is closed when it reaches either
+            (bytes counts member payloads, not tar headers).
+        workers: threads for decoding and writing.
+
+    Returns:
+        The saved manifest, its ``root`` set to ``out_dir``.
+    """
+    images_dir, annotation_file = Path(images_dir), Path(annotation_file)
+    _require_dir(images_dir)
+    if not set(tasks) <= set(COCO_TASKS):
+        raise ValueError(f"{annotation_file}: a COCO source labels a subset of {list(COCO_TASKS)}, got {list(tasks)}")
+    coco = _load_coco(annotation_file)
+    anns_by_image = _group_annotations(coco, annotation_file=annotation_file, tasks=tasks)
+    images = coco["images"]
+    paths = [images_dir / image["file_name"] for image in images]
+
+    infos = _parallel_map(_inspect_image, paths, workers=workers, desc=f"{name}: check images")
+    samples = []
+    for image, path, (ext, width, height) in zip(images, paths, infos):
+        if (width, height) != (image["width"], image["height"]):
+            raise ValueError(
+                f"{path}: image id {image['id']} is {width}x{height} but {annotation_file} "
+                f"says {image['width']}x{image['height']}"
+            )
+        payload = {"image": image, "annotations": anns_by_image[image["id"]]}
+        samples.append(_Sample(_sample_key(image["file_name"]), {ext: path, "json": _json_bytes(payload)}))
+
+    manifest = Manifest(
+        name=name,
+        tasks=list(tasks),
+        shards=[],
+        categories=[{"id": c["id"], "name": c["name"]} for c in coco["categories"]],
+        keypoints=_keypoint_schema(coco["categories"], annotation_file),
+        annotation_file=str(annotation_file.resolve()),
+    )
+    return _write_source(
+        manifest,
+        samples,
+        Path(out_dir),
+        where=str(annotation_file),
+        shard_max_samples=shard_max_samples,
+        shard_max_bytes=shard_max_bytes,
+        workers=workers,
+    )
+
+
+def convert_semantic(
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    classes: Sequence[str],
+    shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
+    shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+) -> Manifest:
+    """Convert a VOC-style semantic segmentation source.
+
+    Every ``<stem>.png`` in ``masks_dir`` (one channel, ``L`` or palette ``P``, pixel =
+    index in ``classes``, 255 = unlabelled) is paired with ``<stem>.jpg|.jpeg|.png`` in
+    ``images_dir``; images without a mask are not part of the labelled set and are skipped,
+    as with VOC's JPEGImages. The mask's PNG bytes are stored unchanged as ``<key>.seg.png``.
+
+    Args:
+        images_dir, masks_dir: the two directories (searched recursively).
+        out_dir, name, shard_max_samples, shard_max_bytes, workers: as in :func:`convert_coco`.
+        classes: class names, index = pixel value (0 is usually background).
+
+    Returns:
+        The saved manifest, its ``root`` set to ``out_dir``.
+    """
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    _require_dir(images_dir)
+    _require_dir(masks_dir)
+    images_by_stem = {p.relative_to(images_dir).with_suffix("").as_posix(): p for p in _image_files(images_dir)}
+    pairs = []
+    for mask_path in sorted(masks_dir.rglob("*.png")):
+        stem = mask_path.relative_to(masks_dir).with_suffix("").as_posix()
+        if stem not in images_by_stem:
+            raise FileNotFoundError(f"{mask_path}: no image {stem}.jpg/.jpeg/.png in {images_dir}")
+        pairs.append((images_by_stem[stem], mask_path))
+    if not pairs:
+        raise ValueError(f"{masks_dir}: no .png masks found")
+
+    def check(pair: tuple[Path, Path]) -> tuple[str, int, int]:
+        return _inspect_semantic_pair(*pair, num_classes=len(classes))
+
+    infos = _parallel_map(check, pairs, workers=workers, desc=f"{name}: check images")
+    samples = []
+    for index, ((image_path, mask_path), (ext, width, height)) in enumerate(zip(pairs, infos)):
+        file_name = image_path.relative_to(images_dir).as_posix()
+        payload = {"image": {"id": index, "file_name": file_name, "width": width, "height": height}, "annotations": []}
+        members = {ext: image_path, "json": _json_bytes(payload), "seg.png": mask_path}
+        samples.append(_Sample(_sample_key(file_name), members))
+
+    manifest = Manifest(name=name, tasks=["semantic"], shards=[], semantic_classes=list(classes))
+    return _write_source(
+        manifest,
+        samples,
+        Path(out_dir),
+        where=str(masks_dir),
+        shard_max_samples=shard_max_samples,
+        shard_max_bytes=shard_max_bytes,
+        workers=workers,
+    )
+
+
+def convert_image_folder(
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
+    shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+) -> Manifest:
+    """Convert an ImageFolder source, ``root/<class_name>/<image>``.
+
+    Class names are the sorted sub-directory names (empty ones included, so every split of
+    a dataset gets the same list); ``class_id`` in ``<key>.json`` indexes them. Files that
+    are not .jpg/.jpeg/.png are ignored, as torchvision's ImageFolder ignores them.
+
+    Args:
+        root: the directory holding one sub-directory per class.
+        out_dir, name, shard_max_samples, shard_max_bytes, workers: as in :func:`convert_coco`.
+
+    Returns:
+        The saved manifest, its ``root`` set to ``out_dir``.
+    """
+    root = Path(root)
+    _require_dir(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class sub-directories")
+    files = [(path, class_id) for class_id, c in enumerate(classes) for path in _image_files(root / c)]
+    if not files:
+        raise ValueError(f"{root}: no .jpg/.jpeg/.png images in its class sub-directories")
+
+    infos = _parallel_map(_inspect_image, [path for path, _ in files], workers=workers, desc=f"{name}: check images")
+    samples = []
+    for index, ((path, class_id), (ext, width, height)) in enumerate(zip(files, infos)):
+        file_name = path.relative_to(root).as_posix()
+        payload = {
+            "image": {"id": index, "file_name": file_name, "width": width, "height": height},
+            "annotations": [],
+            "class_id": class_id,
+        }
+        samples.append(_Sample(_sample_key(file_name), {ext: path, "json": _json_bytes(payload)}))
+
+    manifest = Manifest(name=name, tasks=["classification"], shards=[], classes=classes)
+    return _write_source(
+        manifest,
+        samples,
+        Path(out_dir),
+        where=str(root),
+        shard_max_samples=shard_max_samples,
+        shard_max_bytes=shard_max_bytes,
+        workers=workers,
+    )
+
+
+def convert_demo(
+    raw: dict[str, dict[str, Path]], out_root: str | Path, *, workers: int = DEFAULT_WORKERS
+) -> dict[str, dict[str, Manifest]]:
+    """Convert what :func:`data_pipelines.synthetic.generate_demo_data` wrote.
+
+    Args:
+        raw: its return value, ``{source: {split: split_dir}}``.
+        out_root: each source/split goes to ``out_root/<split>/<source>/``.
+        workers: threads per conversion.
+
+    Returns:
+        ``{split: {source: Manifest}}``; each manifest's ``root`` is its directory.
+    """
+    out_root = Path(out_root)
+    manifests: dict[str, dict[str, Manifest]] = {}
+    for source, splits in raw.items():
+        for split, split_dir in splits.items():
+            out_dir = out_root / split / source
+            common = {"name": source, "shard_max_samples": DEMO_SHARD_MAX_SAMPLES, "workers": workers}
+            if source in ("shapes_instances", "shapes_keypoints"):
+                manifest = convert_coco(
+                    split_dir / "images", split_dir / "annotations.json", out_dir, tasks=DEMO_TASKS[source], **common
+                )
+            elif source == "shapes_semantic":
+                classes = json.loads((split_dir / "classes.json").read_text())
+                manifest = convert_semantic(
+                    split_dir / "images", split_dir / "masks", out_dir, classes=classes, **common
+                )
+            elif source == "shapes_classes":
+                manifest = convert_image_folder(split_dir, out_dir, **common)
+            else:
+                raise ValueError(f"unknown demo source {source!r}; known: {list(DEMO_TASKS)}")
+            manifests.setdefault(split, {})[source] = manifest
+    return manifests
+
+
+# --- reading and checking sources ---------------------------------------------------------
+
+
+def _require_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: source directory does not exist")
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+
+
+def _load_coco(annotation_file: Path) -> dict:
+    """Load the json and check the top-level keys every COCO file has."""
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"{annotation_file}: annotation file does not exist")
+    try:
+        coco = json.loads(annotation_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{annotation_file}: not valid JSON ({e})") from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in coco]
+    if missing:
+        raise ValueError(f"{annotation_file}: missing top-level key(s) {missing}")
+    for image in coco["images"]:
+        lacking = [k for k in ("id", "file_name", "width", "height") if k not in image]
+        if lacking:
+            raise ValueError(f"{annotation_file}: image {image.get('id', image)} lacks {lacking}")
+    if not coco["images"]:
+        raise ValueError(f"{annotation_file}: no images")
+    return coco
+
+
+def _group_annotations(coco: dict, *, annotation_file: Path, tasks: Sequence[str]) -> dict[int, list[dict]]:
+    """Annotations per image id, in file order, after checking each one's fields."""
+    categories = {c["id"]: c for c in coco["categories"]}
+    by_image: dict[int, list[dict]] = {}
+    images = {}
+    for image in coco["images"]:
+        if image["id"] in by_image:
+            raise ValueError(f"{annotation_file}: duplicate image id {image['id']}")
+        by_image[image["id"]] = []
+        images[image["id"]] = image
+    for index, ann in enumerate(coco["annotations"]):
+        where = f"{annotation_file}: annotation id {ann.get('id', f'#{index} (no id)')}"
+        required = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if "instance_mask" in tasks else [])
+        missing = [k for k in required if k not in ann]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        if ann["image_id"] not in by_image:
+            raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in 'images'")
+        category = categories.get(ann["category_id"])
+        if category is None:
+            raise ValueError(f"{where} has category_id {ann['category_id']}, which is not in 'categories'")
+        if len(ann["bbox"]) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {ann['bbox']}")
+        image = images[ann["image_id"]]
+        if "segmentation" in ann:
+            _check_segmentation(ann["segmentation"], image["height"], image["width"], where)
+        num_keypoints = len(category.get("keypoints", []))
+        if "keypoints" in tasks and num_keypoints and len(ann.get("keypoints", [])) != 3 * num_keypoints:
+            raise ValueError(
+                f"{where}: needs 'keypoints' with 3 x {num_keypoints} values for category {category['name']!r}"
+            )
+        by_image[ann["image_id"]].append(ann)
+    return by_image
+
+
+def _check_segmentation(segmentation: list | dict, height: int, width: int, where: str) -> None:
+    """Polygons must be flat [x, y, ...] lists; an RLE must be sized like its image."""
+    if isinstance(segmentation, dict):
+        if "counts" not in segmentation or list(segmentation.get("size", [])) != [height, width]:
+            raise ValueError(
+                f"{where}: RLE segmentation needs 'counts' and 'size' == [{height}, {width}] (the image's)"
+            )
+    elif not all(isinstance(p, list) and len(p) % 2 == 0 for p in segmentation):
+        raise ValueError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists")
+
+
+def _keypoint_schema(categories: list[dict], annotation_file: Path) -> KeypointSchema | None:
+    """The keypoint schema of the keypoint categories; they must all share one."""
+    with_keypoints = [c for c in categories if c.get("keypoints")]
+    if not with_keypoints:
+        return None
+    first = with_keypoints[0]
+    for other in with_keypoints[1:]:
+        if other["keypoints"] != first["keypoints"]:
+            raise ValueError(
+                f"{annotation_file}: categories {first['name']!r} and {other['name']!r} name different "
+                f"keypoints; one source holds one keypoint schema"
+            )
+    names = list(first["keypoints"])
+    sigmas = list(first.get("sigmas", [DEFAULT_KEYPOINT_SIGMA] * len(names)))
+    if len(sigmas) != len(names):
+        raise ValueError(
+            f"{annotation_file}: category {first['name']!r} has {len(sigmas)} sigmas for {len(names)} keypoints"
+        )
+    # COCO person names its sides left_*/right_*: pair them when the category gives no map.
+    mirrored = {n: "right_" + n.removeprefix("left_") for n in names if n.startswith("left_")}
+    flip_map = first.get("flip_map") or [[left, right] for left, right in mirrored.items() if right in names]
+    schema = KeypointSchema(names=names, skeleton=list(first.get("skeleton", [])), flip_map=flip_map, sigmas=sigmas)
+    try:
+        schema.flip_permutation()
+    except ValueError as e:
+        raise ValueError(f"{annotation_file}: {e}") from None
+    return schema
+
+
+def _inspect_image(path: Path) -> tuple[str, int, int]:
+    """Fully decode ``path``; ``verify()`` alone misses truncated JPEGs.
+
+    Returns:
+        (shard member extension, width, height).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            fmt, size = image.format, image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL: unreadable or corrupt
+        raise ValueError(f"{path}: not a decodable image ({e})") from None
+    if fmt not in _IMAGE_EXTENSIONS:
+        raise ValueError(f"{path}: image format {fmt}; shards hold JPEG or PNG images")
+    return _IMAGE_EXTENSIONS[fmt], *size
+
+
+def _inspect_semantic_pair(image_path: Path, mask_path: Path, *, num_classes: int) -> tuple[str, int, int]:
+    """Decode image and mask; the mask must be a one-channel PNG of the image's size with known ids."""
+    ext, width, height = _inspect_image(image_path)
+    try:
+        with Image.open(mask_path) as mask:
+            mask.load()
+            fmt, mode, size = mask.format, mask.mode, mask.size
+            values = np.unique(np.asarray(mask))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{mask_path}: not a decodable mask ({e})") from None
+    if fmt != "PNG" or mode not in ("L", "P"):
+        raise ValueError(f"{mask_path}: mask is {fmt} mode {mode}; expected a one-channel PNG (mode L or P)")
+    if size != (width, height):
+        raise ValueError(f"{mask_path}: mask is {size[0]}x{size[1]} but its image {image_path} is {width}x{height}")
+    unknown = [int(v) for v in values if v >= num_classes and v != _SEMANTIC_IGNORE]
+    if unknown:
+        raise ValueError(f"{mask_path}: pixel values {unknown} are neither a class index (< {num_classes}) nor 255")
+    return ext, width, height
+
+
+def _sample_key(file_name: str) -> str:
+    """Tar-safe key from a relative file name: webdataset splits a member name at its first
+    dot after the last slash, so the key keeps only letters, digits, ``_`` and ``-``."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(file_name).with_suffix("")))
+
+
+def _json_bytes(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _write_source(
+    manifest: Manifest,
+    samples: list[_Sample],
+    out_dir: Path,
+    *,
+    where: str,
+    shard_max_samples: int,
+    shard_max_bytes: int,
+    workers: int,
+) -> Manifest:
+    """Plan shards, check the manifest, write shards, then save the manifest.
+
+    ``where`` (the source's file or directory) prefixes error messages.
+    """
+    keys: set[str] = set()
+    for sample in samples:
+        if sample.key in keys:
+            raise ValueError(f"{where}: two images map to the same shard key {sample.key!r}; rename one")
+        keys.add(sample.key)
+    plan = _plan_shards(samples, max_samples=shard_max_samples, max_bytes=shard_max_bytes)
+    shard_paths = [out_dir / f"{manifest.name}-{i:06d}.tar" for i in range(len(plan))]
+    manifest.shards = [ShardInfo(path=p.name, num_samples=len(s)) for p, s in zip(shard_paths, plan)]
+    manifest.validate(where)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Drop an older manifest first: while shards are rewritten the directory must read as
+    # incomplete, not as the old source pointing at new shards.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    try:
+        jobs = list(zip(shard_paths, plan))
+        sizes = _parallel_map(_write_shard, jobs, workers=workers, desc=f"{manifest.name}: write shards")
+    except BaseException:
+        # Without its manifest a half-written source is never read; remove it all the same,
+        # so a failed run leaves no tar behind to be mistaken for output.
+        for path in shard_paths:
+            for leftover in (path, _temporary(path)):
+                if leftover.is_file():
+                    leftover.unlink()
+        raise
+    for info, size in zip(manifest.shards, sizes):
+        info.num_bytes = size
+    manifest.save(out_dir)
+    manifest.root = str(out_dir)
+    return manifest
+
+
+def _plan_shards(samples: list[_Sample], *, max_samples: int, max_bytes: int) -> list[list[_Sample]]:
+    """Split samples, in order, into shards of at most ``max_samples`` samples and, unless a
+    single sample is larger, ``max_bytes`` payload bytes."""
+    shards: list[list[_Sample]] = [[]]
+    size = 0
+    for sample in samples:
+        sample_bytes = sample.num_bytes()
+        if shards[-1] and (len(shards[-1]) >= max_samples or size + sample_bytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(sample)
+        size += sample_bytes
+    return shards
+
+
+def _write_shard(job: tuple[Path, list[_Sample]]) -> int:
+    """Write one shard under a temporary name and rename it; returns its size in bytes."""
+    path, samples = job
+    tmp = _temporary(path)
+    with open(tmp, "wb") as stream:
+        # Fixed mtime (and TarWriter's fixed owner names) make shards byte-reproducible;
+        # PAX headers allow keys longer than USTAR's 100-character names.
+        with wds.TarWriter(stream, encoder=False, mtime=0, format="PAX_FORMAT") as writer:
+            for sample in samples:
+                members = {ext: m.read_bytes() if isinstance(m, Path) else m for ext, m in sample.members.items()}
+                writer.write({"__key__": sample.key, **members})
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _parallel_map(fn: Callable[[T], R], items: list[T], *, workers: int, desc: str) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool, in order, with a progress bar.
+
+    Threads suffice: decoding (PIL) and file I/O release the GIL. The first failing item
+    (in input order) raises its own exception.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="it", leave=False))

@@ -1,0 +1,121 @@
+"""``polytask data ...``: make the demo data and convert sources to shards.
+
+Wiring, in ``launcher/cli.py``::
+
+    data = subparsers.add_parser("data", help="prepare data sources")
+    add_data_subcommands(data.add_subparsers(dest="data_command", required=True))
+    ...
+    return run_data_command(args)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_pipelines.convert import (
+    COCO_TASKS,
+    DEFAULT_SHARD_MAX_BYTES,
+    DEFAULT_SHARD_MAX_SAMPLES,
+    DEFAULT_WORKERS,
+    convert_coco,
+    convert_demo,
+    convert_image_folder,
+    convert_semantic,
+)
+from data_pipelines.manifest import MANIFEST_NAME
+from data_pipelines.synthetic import DEFAULT_NUM_IMAGES, generate_demo_data
+
+
+def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo`` and ``convert`` to the sub-parsers of ``polytask data``."""
+    demo = subparsers.add_parser("demo", help="generate the procedural demo sources and convert them to shards")
+    demo.add_argument(
+        "--out", type=Path, default=Path("data/demo"), help="raw data goes to OUT/raw, shards to OUT/<split>/<source>"
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-images", type=int, default=DEFAULT_NUM_IMAGES["train"], help="images per source")
+    demo.add_argument("--val-images", type=int, default=DEFAULT_NUM_IMAGES["val"], help="images per source")
+    demo.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    demo.set_defaults(data_run=_run_demo)
+
+    convert = subparsers.add_parser("convert", help="convert a source in its native format to shards + manifest")
+    formats = convert.add_subparsers(dest="source_format", required=True)
+    coco = formats.add_parser("coco", help="COCO instances / person-keypoints json")
+    coco.add_argument("--images", type=Path, required=True, help="directory the json's file_names are relative to")
+    coco.add_argument("--annotations", type=Path, required=True, help="the COCO json")
+    coco.add_argument("--tasks", nargs="+", choices=COCO_TASKS, required=True)
+    coco.set_defaults(data_run=_run_convert_coco)
+    semantic = formats.add_parser("semantic", help="images + one-channel PNG masks (VOC style)")
+    semantic.add_argument("--images", type=Path, required=True)
+    semantic.add_argument("--masks", type=Path, required=True)
+    semantic.add_argument("--classes", type=Path, required=True, help="JSON list of class names, index = pixel value")
+    semantic.set_defaults(data_run=_run_convert_semantic)
+    folder = formats.add_parser("imagefolder", help="ROOT/<class_name>/<image>")
+    folder.add_argument("--root", type=Path, required=True)
+    folder.set_defaults(data_run=_run_convert_image_folder)
+    for parser in (coco, semantic, folder):
+        parser.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
+        parser.add_argument("--name", required=True, help="source name (manifest name, shard prefix)")
+        parser.add_argument("--shard-max-samples", type=int, default=DEFAULT_SHARD_MAX_SAMPLES)
+        parser.add_argument("--shard-max-bytes", type=int, default=DEFAULT_SHARD_MAX_BYTES)
+        parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+
+
+def run_data_command(args: argparse.Namespace) -> int:
+    """Run the parsed ``polytask data`` command; returns the process exit code.
+
+    Bad input (missing files, malformed annotations) is reported on stderr as one line
+    naming the file, with exit code 1, instead of a traceback.
+    """
+    try:
+        return args.data_run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"polytask data: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    num_images = {"train": args.train_images, "val": args.val_images}
+    raw = generate_demo_data(args.out / "raw", seed=args.seed, num_images=num_images)
+    manifests = convert_demo(raw, args.out, workers=args.workers)
+    for split, sources in manifests.items():
+        for source, manifest in sources.items():
+            print(f"{split:5s} {source:18s} {manifest.num_samples:5d} samples  {Path(manifest.root) / MANIFEST_NAME}")
+    return 0
+
+
+def _shard_options(args: argparse.Namespace) -> dict:
+    return {
+        "name": args.name,
+        "shard_max_samples": args.shard_max_samples,
+        "shard_max_bytes": args.shard_max_bytes,
+        "workers": args.workers,
+    }
+
+
+def _run_convert_coco(args: argparse.Namespace) -> int:
+    manifest = convert_coco(args.images, args.annotations, args.out, tasks=args.tasks, **_shard_options(args))
+    return _report(manifest.num_samples, args.out)
+
+
+def _run_convert_semantic(args: argparse.Namespace) -> int:
+    try:
+        classes = json.loads(args.classes.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{args.classes}: not valid JSON ({e})") from None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{args.classes}: expected a JSON list of class names")
+    manifest = convert_semantic(args.images, args.masks, args.out, classes=classes, **_shard_options(args))
+    return _report(manifest.num_samples, args.out)
+
+
+def _run_convert_image_folder(args: argparse.Namespace) -> int:
+    manifest = convert_image_folder(args.root, args.out, **_shard_options(args))
+    return _report(manifest.num_samples, args.out)
+
+
+def _report(num_samples: int, out: Path) -> int:
+    print(f"{num_samples} samples -> {out / MANIFEST_NAME}")
+    return 0

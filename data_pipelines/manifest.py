@@ -1,0 +1,140 @@
+"""``manifest.json``: what a converted source holds. Written last by the converter, so a
+source directory without one is incomplete and is never read.
+
+Shard format (ordinary tar files, one sample = members sharing a key)::
+
+    <key>.jpg | <key>.png   the original image bytes, unchanged from the source
+    <key>.json              {"image": {COCO image dict: id, file_name, width, height},
+                             "annotations": [COCO annotation dicts, unchanged: id, category_id,
+                                             bbox (xywh), area, iscrowd, segmentation
+                                             (polygons or RLE), keypoints, num_keypoints],
+                             "class_id": int | absent (image-level class, classification)}
+    <key>.seg.png           semantic mask, one channel, values = semantic class ids,
+                            255 = unlabelled (semantic sources only)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from data_pipelines.schema import TASKS
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = "polytask-shards/1"
+
+
+@dataclass(kw_only=True)
+class ShardInfo:
+    path: str  # relative to the manifest's directory, or an absolute path / URL
+    num_samples: int
+    num_bytes: int = 0
+
+
+@dataclass(kw_only=True)
+class KeypointSchema:
+    names: list[str]
+    skeleton: list[list[int]] = field(default_factory=list)  # 1-based pairs, as in COCO
+    flip_map: list[list[str]] = field(default_factory=list)  # [left_name, right_name] pairs
+    sigmas: list[float] = field(default_factory=list)  # OKS sigmas, one per keypoint
+
+    def flip_permutation(self) -> list[int]:
+        """Index permutation that swaps left/right keypoints after a horizontal flip."""
+        index = {n: i for i, n in enumerate(self.names)}
+        perm = list(range(len(self.names)))
+        for left, right in self.flip_map:
+            if left not in index or right not in index:
+                raise ValueError(f"flip_map pair {[left, right]} names an unknown keypoint; known: {self.names}")
+            perm[index[left]], perm[index[right]] = index[right], index[left]
+        return perm
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    name: str
+    tasks: list[str]
+    shards: list[ShardInfo]
+    # COCO categories [{"id": int, "name": str}] for detection / instance_mask / keypoints.
+    categories: list[dict] = field(default_factory=list)
+    keypoints: KeypointSchema | None = None
+    # Semantic class names; index in this list == pixel value in <key>.seg.png.
+    semantic_classes: list[str] = field(default_factory=list)
+    # Image-level class names; index == "class_id" in <key>.json.
+    classes: list[str] = field(default_factory=list)
+    # The COCO json the source came from (evaluation scores against the original ids).
+    annotation_file: str | None = None
+    format: str = FORMAT_VERSION
+    root: str = ""  # directory the manifest was loaded from; not serialised
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def shard_urls(self) -> list[str]:
+        """Shard locations, relative paths resolved against the manifest's directory."""
+        urls = []
+        for shard in self.shards:
+            p = shard.path
+            is_url = p.startswith("pipe:") or "://" in p or os.path.isabs(p)
+            urls.append(p if is_url else os.path.join(self.root, p))
+        return urls
+
+    def validate(self, where: str) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+        if not self.shards:
+            raise ValueError(f"{where}: no shards listed")
+        if "keypoints" in self.tasks and (self.keypoints is None or not self.keypoints.names):
+            raise ValueError(f"{where}: labels 'keypoints' but has no 'keypoints.names'")
+        if "semantic" in self.tasks and not self.semantic_classes:
+            raise ValueError(f"{where}: labels 'semantic' but has no 'semantic_classes'")
+        if "classification" in self.tasks and not self.classes:
+            raise ValueError(f"{where}: labels 'classification' but has no 'classes'")
+        if {"detection", "instance_mask"} & set(self.tasks) and not self.categories:
+            raise ValueError(f"{where}: labels detection/instance_mask but has no 'categories'")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("root")
+        return d
+
+    def save(self, directory: str | Path) -> Path:
+        """Write atomically: a reader never sees a half-written manifest."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, path)
+        return path
+
+
+_REQUIRED = ("name", "tasks", "shards")
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Load ``<directory>/manifest.json``; errors name the file and the bad key."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no manifest; the source at {directory} is missing or was not fully converted "
+            f"(run `polytask data convert` on it)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    if raw.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {raw.get('format')!r}, this polytask reads {FORMAT_VERSION!r}")
+    try:
+        shards = [ShardInfo(**s) for s in raw.pop("shards")]
+        kp = raw.pop("keypoints", None)
+        keypoints = KeypointSchema(**kp) if kp else None
+        manifest = Manifest(shards=shards, keypoints=keypoints, root=str(Path(directory)), **raw)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    manifest.validate(str(path))
+    return manifest

@@ -1,0 +1,80 @@
+"""The one sample schema every source is turned into, and the batch the model sees.
+
+Data flows one way: shard member -> ``decode_sample`` (dataset dict, this schema)
+-> transforms -> ``collate`` -> :class:`Batch`. Models read only :class:`Batch`.
+
+Per-sample dict (after decoding, before collate)::
+
+    key         str                      "<source>/<sample key>", unique over all sources
+    source      str                      source name (manifest ``name``)
+    image       tv_tensors.Image         uint8 [3, H, W]
+    task_mask   torch.bool [T]           which of ``TASKS`` this sample is labelled for
+    boxes       tv_tensors.BoundingBoxes float32 [N, 4] XYXY absolute pixels (instances + keypoint
+                                         instances; empty [0, 4] when the sample has none)
+    labels      int64 [N]                contiguous class index in the task's label space
+    iscrowd     bool [N]                 crowd regions: kept for evaluation, ignored by losses
+    masks       tv_tensors.Mask uint8 [N, H, W]       instance masks (only when instance_mask)
+    keypoints   tv_tensors.KeyPoints float32 [N, K, 2]  (x, y) absolute pixels
+    keypoint_visibility  int64 [N, K]    COCO visibility 0 (not labelled), 1, 2
+    semantic    tv_tensors.Mask int64 [H, W]  class index per pixel, ``IGNORE_INDEX`` = unlabelled
+    class_label int64 scalar             image-level class index (classification)
+
+Keys for tasks a sample is not labelled for may be absent or hold empty tensors; the
+``task_mask`` is the only authority on what is labelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Fixed order: task_mask columns and every per-task tensor follow it.
+TASKS: tuple[str, ...] = ("detection", "instance_mask", "keypoints", "semantic", "classification")
+TASK_INDEX: dict[str, int] = {name: i for i, name in enumerate(TASKS)}
+
+# Semantic masks use this value for pixels without a label (the usual VOC/ADE convention).
+IGNORE_INDEX = 255
+
+
+def task_mask_for(tasks: list[str] | tuple[str, ...]) -> torch.Tensor:
+    """Boolean availability mask over ``TASKS`` for a source labelling ``tasks``."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+    mask = torch.zeros(len(TASKS), dtype=torch.bool)
+    for name in tasks:
+        mask[TASK_INDEX[name]] = True
+    return mask
+
+
+@dataclass
+class Batch:
+    """A collated batch.
+
+    Args:
+        images: float32 [B, 3, H, W] in [0, 1] (normalisation belongs to the model).
+        targets: one dict per sample with the per-sample tensors of the schema above
+            (``boxes``, ``labels``, ``iscrowd``, ``masks``, ``keypoints``,
+            ``keypoint_visibility``, ``semantic``, ``class_label``) as plain tensors.
+        task_mask: bool [B, T], T = len(TASKS).
+        keys: sample keys, for audit and debugging.
+        sources: source name of each sample.
+    """
+
+    images: torch.Tensor
+    targets: list[dict[str, torch.Tensor]]
+    task_mask: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(
+            images=self.images.to(device, non_blocking=True),
+            targets=[{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in self.targets],
+            task_mask=self.task_mask.to(device, non_blocking=True),
+            keys=self.keys,
+            sources=self.sources,
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]

@@ -1,0 +1,76 @@
+"""What the multi-task model is built from: backbone, shared FPN width, tasks and head knobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipelines.schema import TASKS
+from models.backbone import backbone_names
+
+# Heads that pool RoIs: they train on ground-truth boxes but predict on detection's boxes.
+CASCADE_TASKS = ("instance_mask", "keypoints")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: str = "resnet18"
+    # Local state_dict of the backbone's classification network (e.g. torchvision's
+    # resnet18-f37072fd.pth); weights are never downloaded.
+    backbone_weights: str | None = None
+    trainable_backbone_layers: int = 5  # 0..5, counted from the last stage, as in torchvision
+    fpn_channels: int = 128
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    norm_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    norm_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # Images are zero-padded (bottom/right) to a multiple of this before the backbone.
+    size_divisible: int = 32
+
+    # detection (FCOS)
+    fcos_num_convs: int = 4
+    fcos_center_sampling_radius: float = 1.5
+    detection_score_thresh: float = 0.2
+    detection_nms_thresh: float = 0.6
+    detections_per_image: int = 100
+    detection_topk_candidates: int = 1000
+
+    # cascade heads (instance_mask, keypoints): ground-truth RoIs per image at training time
+    max_rois_per_image: int = 16
+    mask_roi_size: int = 14
+    mask_head_convs: int = 4
+    keypoint_roi_size: int = 14
+    keypoint_head_convs: int = 4
+
+    # semantic
+    semantic_channels: int = 128
+
+    def __post_init__(self) -> None:
+        if self.backbone not in backbone_names():
+            raise ValueError(f"backbone: unknown {self.backbone!r}; registered: {backbone_names()}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: expected a non-empty, duplicate-free subset of {list(TASKS)}, got {self.tasks}")
+        cascade = [t for t in CASCADE_TASKS if t in self.tasks]
+        if cascade and "detection" not in self.tasks:
+            raise ValueError(f"tasks: {cascade} predict on detection's boxes, so 'detection' must be a task too")
+        if not 0 <= self.trainable_backbone_layers <= 5:
+            raise ValueError(f"trainable_backbone_layers: expected 0..5, got {self.trainable_backbone_layers}")
+        for name in ("fpn_channels", "semantic_channels"):
+            value = getattr(self, name)
+            # GroupNorm(32) in the FCOS and semantic heads; on a 1x1 P7 map each group needs 2+ channels.
+            if value < 64 or value % 32:
+                raise ValueError(f"{name}: expected a multiple of 32 and at least 64, got {value}")
+        for name in ("norm_mean", "norm_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name}: expected 3 values (RGB), got {getattr(self, name)}")
+        if min(self.norm_std) <= 0:
+            raise ValueError(f"norm_std: expected positive values, got {self.norm_std}")
+        for name in ("detection_score_thresh", "detection_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a value in [0, 1], got {getattr(self, name)}")
+        for name in (
+            "size_divisible", "fcos_num_convs", "detections_per_image", "detection_topk_candidates",
+            "max_rois_per_image", "mask_roi_size", "mask_head_convs", "keypoint_roi_size", "keypoint_head_convs",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.fcos_center_sampling_radius <= 0:
+            raise ValueError(f"fcos_center_sampling_radius: expected > 0, got {self.fcos_center_sampling_radius}")

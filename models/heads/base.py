@@ -1,0 +1,51 @@
+"""The interface every task head implements, and the loss bookkeeping they share."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+Features = OrderedDict[str, Tensor]
+
+
+class TaskHead(nn.Module, ABC):
+    """One task's head on the shared FPN features.
+
+    Subclasses are built as ``cls(cfg=ModelConfig, in_channels=int, num_classes=int)``
+    (``num_classes`` is the number of keypoints for the keypoint head).
+    ``image_size`` is the (padded) size of the images the features were computed from.
+    """
+
+    @abstractmethod
+    def loss(
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+    ) -> tuple[Tensor, int]:
+        """Loss over the samples where ``labelled`` (bool [B]) is True, and their count.
+
+        Must be an exact 0.0 connected to every parameter of the head when nothing is
+        labelled: DDP without ``find_unused_parameters`` needs the same graph on every rank.
+        """
+
+    @abstractmethod
+    def predict(
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]]:
+        """One dict of outputs per image; cascade heads read ``detections`` (boxes, labels)."""
+
+
+def zero_loss(*outputs: Tensor) -> Tensor:
+    """An exact 0.0 whose gradient reaches, as zeros, every parameter behind ``outputs``."""
+    return sum(o.sum() for o in outputs) * 0.0
+
+
+def labelled_subset(features: Features, labelled: Tensor) -> tuple[Features, Tensor]:
+    """Features of the labelled samples and their batch indices.
+
+    With nothing labelled, sample 0 stands in (index empty) so a head can still run and
+    return :func:`zero_loss` of its outputs.
+    """
+    index = labelled.nonzero().flatten()
+    rows = index if index.numel() else torch.zeros(1, dtype=torch.long, device=labelled.device)
+    return OrderedDict((k, v[rows]) for k, v in features.items()), index

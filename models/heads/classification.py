@@ -1,0 +1,45 @@
+"""Image-level classification: every FPN level average-pooled, concatenated, LayerNorm, linear."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbone import FPN_STRIDES
+from models.heads.base import Features, TaskHead, labelled_subset, zero_loss
+from models.heads.registry import register_head
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+
+@register_head("classification")
+class ClassificationHead(TaskHead):
+    def __init__(self, *, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        pooled = in_channels * len(FPN_STRIDES)
+        # FPN levels are not normalised and differ in scale (P3 vs P7); normalising the pooled
+        # vector keeps early logits, and Adam's first steps, from blowing up.
+        self.classifier = nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, num_classes))
+
+    def _logits(self, features: Features) -> Tensor:
+        return self.classifier(torch.cat([f.mean(dim=(-2, -1)) for f in features.values()], dim=1))
+
+    def loss(
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+    ) -> tuple[Tensor, int]:
+        subset, index = labelled_subset(features, labelled)
+        logits = self._logits(subset)
+        if index.numel() == 0:
+            return zero_loss(logits), 0
+        labels = torch.stack([targets[i]["class_label"] for i in index.tolist()])
+        return F.cross_entropy(logits, labels), index.numel()
+
+    @torch.no_grad()
+    def predict(
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]]:
+        logits = self._logits(features)
+        return [{"class_logits": x, "class_scores": x.softmax(dim=0)} for x in logits]

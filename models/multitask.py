@@ -1,0 +1,99 @@
+"""The multi-task model: normalisation + padding, shared backbone/FPN, one head per task."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
+
+from data_pipelines.schema import TASK_INDEX, TASKS, Batch
+from models.backbone import build_backbone
+from models.config import ModelConfig
+from models.heads import build_head
+from models.heads.base import Features
+
+
+class MultiTaskModel(nn.Module):
+    """Images in [0, 1] -> normalised, padded -> backbone + FPN (p3..p7) -> one head per task.
+
+    ``num_classes`` gives each configured task's output size (``LabelSpace.num_classes()``;
+    the number of keypoints for ``keypoints``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, num_classes: dict[str, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        missing = [t for t in cfg.tasks if t not in num_classes]
+        if missing:
+            raise ValueError(f"num_classes: no entry for task(s) {missing}")
+        # TASKS order, whatever the config order: parameter order must match across ranks.
+        tasks = [t for t in TASKS if t in cfg.tasks]
+        self.heads = nn.ModuleDict(
+            {
+                t: build_head(t, cfg=cfg, in_channels=self.backbone.out_channels, num_classes=num_classes[t])
+                for t in tasks
+            }
+        )
+        self.register_buffer("mean", torch.tensor(cfg.norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.norm_std).view(1, 3, 1, 1), persistent=False)
+
+    def padded_size(self, images: Tensor) -> tuple[int, int]:
+        """Size of ``images`` after padding, the frame the heads work in."""
+        d = self.cfg.size_divisible
+        return math.ceil(images.shape[-2] / d) * d, math.ceil(images.shape[-1] / d) * d
+
+    def forward_features(self, images: Tensor) -> Features:
+        """Shared representation: FPN levels p3..p7 of the normalised, padded images."""
+        height, width = self.padded_size(images)
+        x = (images - self.mean) / self.std
+        # Pad after normalising, with zeros (= the mean colour), as torchvision's detectors do.
+        x = F.pad(x, (0, width - images.shape[-1], 0, height - images.shape[-2]))
+        return self.backbone(x)
+
+    def forward_heads(self, features: Features, batch: Batch) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Per-task loss over the samples labelled for the task, and how many there are."""
+        image_size = self.padded_size(batch.images)
+        losses, counts = {}, {}
+        for task, head in self.heads.items():
+            labelled = batch.task_mask[:, TASK_INDEX[task]]
+            losses[task], counts[task] = head.loss(features, image_size, batch.targets, labelled)
+        return losses, counts
+
+    def forward(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, int]]:
+        return self.forward_heads(self.forward_features(batch.images), batch)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Per image: every task's outputs (see the heads), in the unpadded image's pixels."""
+        features = self.forward_features(images)
+        image_size = self.padded_size(images)
+        results: list[dict[str, Tensor]] = [{} for _ in range(images.shape[0])]
+        detections = None
+        # TASKS order runs detection before the heads that pool its boxes.
+        for task, head in self.heads.items():
+            outputs = head.predict(features, image_size, detections=detections)
+            if task == "detection":
+                detections = outputs
+            for result, output in zip(results, outputs):
+                result.update(output)
+        height, width = images.shape[-2:]
+        return [_crop(r, height, width) for r in results]
+
+
+def _crop(result: dict[str, Tensor], height: int, width: int) -> dict[str, Tensor]:
+    """Drop the padding from dense outputs and clip boxes to the image."""
+    out = {}
+    for key, value in result.items():
+        if key == "boxes":
+            value = clip_boxes_to_image(value, (height, width))
+        elif key in ("masks", "semantic_logits", "semantic"):
+            value = value[..., :height, :width]
+        out[key] = value
+    return out
+
+
+def build_model(cfg: ModelConfig, *, num_classes: dict[str, int]) -> MultiTaskModel:
+    return MultiTaskModel(cfg, num_classes=num_classes)

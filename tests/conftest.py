@@ -1,0 +1,33 @@
+"""Shared fixtures: real torchrun process groups and real converted demo shards."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def run_torchrun(args: list[str], *, nproc: int = 2, timeout: float = 600, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N <args>``; output captured for assertions."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small demo data, generated and converted once per test session; returns the root
+    holding ``<split>/<source>/manifest.json``."""
+    from data_pipelines.convert import convert_demo
+    from data_pipelines.synthetic import generate_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    raw = generate_demo_data(root / "raw", seed=0, num_images={"train": 24, "val": 8})
+    convert_demo(raw, root / "shards")
+    return root / "shards"

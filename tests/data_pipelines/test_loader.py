@@ -1,0 +1,142 @@
+import itertools
+
+import pytest
+import torch
+
+from data_pipelines.collate import collate
+from data_pipelines.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.schema import TASKS, Batch, task_mask_for
+from data_pipelines.transforms import TransformConfig
+from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, boxed_sample, sample_member, write_source
+
+SIZE = 16
+DET_TASKS = ["detection", "instance_mask", "keypoints"]
+SEG_TASKS = ["semantic", "classification"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    # Uneven shard counts and sizes (4+2 and 2+2+1): resampling must cope.
+    det = [boxed_sample(f"d{i:03d}", height=24, width=32, seed=i, category_id=5) for i in range(6)]
+    person = [{"id": 5, "name": "person"}]
+    write_source(root / "det", det, name="det", tasks=DET_TASKS, categories=person, keypoints=KEYPOINT_SCHEMA)
+    seg = [
+        boxed_sample(f"s{i:03d}", height=20, width=20, seed=100 + i, category_id=1, class_id=i % 2) for i in range(5)
+    ]
+    write_source(
+        root / "seg", seg, name="seg", tasks=SEG_TASKS, shard_size=2,
+        semantic_classes=["bg", "thing"], classes=["even", "odd"],
+    )
+    return root
+
+
+def config(root, **overrides) -> DataConfig:
+    kwargs = dict(
+        sources=[SourceConfig(path=str(root / "det")), SourceConfig(path=str(root / "seg"))],
+        batch_size=3,
+        num_workers=0,
+        seed=11,
+        shuffle_buffer=4,
+        transforms=TransformConfig(image_size=SIZE),
+    )
+    return DataConfig(**(kwargs | overrides))
+
+
+def take(cfg: DataConfig, *, rank: int, steps: int) -> list[Batch]:
+    loader, _, _ = build_train_loader(cfg, rank=rank, world_size=2)
+    return list(itertools.islice(loader, steps))
+
+
+def check_batch(batch: Batch) -> None:
+    assert isinstance(batch, Batch) and len(batch) == 3
+    assert batch.images.shape == (3, 3, SIZE, SIZE) and batch.images.dtype == torch.float32
+    assert 0.0 <= batch.images.min() and batch.images.max() <= 1.0
+    assert batch.task_mask.shape == (3, len(TASKS)) and batch.task_mask.dtype == torch.bool
+    for key, source, mask, target in zip(batch.keys, batch.sources, batch.task_mask, batch.targets):
+        assert key.startswith(f"{source}/")
+        assert all(type(t) is torch.Tensor for t in target.values())  # tv_tensors unwrapped
+        if source == "det":
+            assert torch.equal(mask, task_mask_for(DET_TASKS))
+            n = len(target["boxes"])
+            assert target["boxes"].shape == (n, 4) and target["boxes"].dtype == torch.float32
+            assert target["labels"].dtype == torch.int64 and target["iscrowd"].dtype == torch.bool
+            assert target["masks"].shape == (n, SIZE, SIZE) and target["masks"].dtype == torch.uint8
+            assert target["keypoints"].shape == (n, 3, 2) and target["keypoint_visibility"].shape == (n, 3)
+            assert "semantic" not in target
+        else:
+            assert source == "seg" and torch.equal(mask, task_mask_for(SEG_TASKS))
+            assert target["semantic"].shape == (SIZE, SIZE) and target["semantic"].dtype == torch.int64
+            assert target["class_label"].shape == () and target["class_label"].dtype == torch.int64
+            assert "masks" not in target
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_get_distinct_reproducible_batches(sources, num_workers):
+    cfg = config(sources, num_workers=num_workers)
+    steps = 6
+    rank0, rank1 = take(cfg, rank=0, steps=steps), take(cfg, rank=1, steps=steps)
+    for batch in rank0 + rank1:
+        check_batch(batch)
+    keys0 = [k for b in rank0 for k in b.keys]
+    keys1 = [k for b in rank1 for k in b.keys]
+    assert keys0 != keys1
+    # With workers, batches alternate between them; their streams must differ too.
+    assert [b.keys for b in rank0[0::2]] != [b.keys for b in rank0[1::2]]
+    assert {s for b in rank0 for s in b.sources} == {"det", "seg"}
+    assert [k for b in take(cfg, rank=0, steps=steps) for k in b.keys] == keys0
+
+
+def test_labels_use_the_merged_label_space(sources):
+    loader, space, manifests = build_train_loader(config(sources), rank=0, world_size=2)
+    assert [m.name for m in manifests] == ["det", "seg"]
+    assert space.thing_classes == ["person"] and space.image_classes == ["even", "odd"]
+    for batch in itertools.islice(loader, 4):
+        for key, source, target in zip(batch.keys, batch.sources, batch.targets):
+            if source == "det":
+                assert set(target["labels"].tolist()) <= {0}
+            else:
+                assert target["class_label"].item() == int(key[-3:]) % 2
+
+
+def test_decode_error_surfaces_with_shard_and_key(tmp_path):
+    broken = sample_member("broken", image=b"not a jpeg", meta={"image": {"width": 4, "height": 4}, "annotations": []})
+    write_source(tmp_path / "bad", [broken], name="bad", tasks=["detection"], categories=[{"id": 1, "name": "x"}])
+    cfg = config(tmp_path, sources=[SourceConfig(path=str(tmp_path / "bad"))])
+    loader, _, _ = build_train_loader(cfg, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"bad-000000\.tar.*'broken'.*cannot decode"):
+        next(iter(loader))
+
+
+def test_missing_manifest_names_the_path(tmp_path):
+    cfg = config(tmp_path, sources=[SourceConfig(path=str(tmp_path / "nowhere"))])
+    with pytest.raises(FileNotFoundError, match=r"sources\[0\]\.path.*nowhere/manifest\.json"):
+        build_train_loader(cfg, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"sources": []}, "sources"),
+        ({"sampling": "greedy"}, "sampling"),
+        ({"sampling": "fixed"}, r"sources\[0\]\.weight"),
+        ({"sources": [SourceConfig(path="x", weight=2.0)]}, r"sources\[0\]\.weight"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer"),
+    ],
+)
+def test_config_validation_names_the_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=f"DataConfig\\.{field}"):
+        config(tmp_path, **overrides)
+
+
+def test_collate_rejects_images_of_different_sizes():
+    samples = [
+        {"key": f"s/{i}", "source": "s", "image": torch.zeros(3, 8, 8 + i, dtype=torch.uint8),
+         "task_mask": task_mask_for([])}
+        for i in range(2)
+    ]
+    with pytest.raises(ValueError, match=r"cannot stack images.*s/0"):
+        collate(samples)

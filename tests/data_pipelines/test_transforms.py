@@ -1,0 +1,151 @@
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from data_pipelines.schema import IGNORE_INDEX, task_mask_for
+from data_pipelines.transforms import INSTANCE_KEYS, TransformConfig, build_eval_transforms, build_train_transforms
+from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA
+
+PERM = KEYPOINT_SCHEMA.flip_permutation()  # names: nose, left_hand, right_hand
+NOSE, LEFT, RIGHT = 0, 1, 2
+LABEL_OFFSET = 10  # labels[i] - LABEL_OFFSET == the instance's original index
+
+
+def make_sample(height: int, width: int, boxes: list[list[int]], *, seed: int = 0) -> dict:
+    """Instances whose mask fills their box (clipped to the image); keypoints: nose
+    unlabelled (visibility 0, at 0,0 as COCO stores it), left hand near the box's top-left
+    corner (v=2), right hand near its bottom-right corner (v=1)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros((len(boxes), height, width), dtype=torch.uint8)
+    points = torch.zeros((len(boxes), 3, 2))
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        masks[i, max(y1, 0) : y2, max(x1, 0) : x2] = 1
+        points[i, LEFT] = torch.tensor([max(x1, 0) + 1, max(y1, 0) + 1])
+        points[i, RIGHT] = torch.tensor([min(x2, width) - 2, min(y2, height) - 2])
+    return {
+        "key": f"test/{seed}",
+        "source": "test",
+        "image": tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)),
+        "task_mask": task_mask_for(["detection", "instance_mask", "keypoints", "semantic"]),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
+        ),
+        "labels": torch.arange(len(boxes)) + LABEL_OFFSET,
+        "iscrowd": torch.arange(len(boxes)) % 2 == 1,
+        "masks": tv_tensors.Mask(masks),
+        "keypoints": tv_tensors.KeyPoints(points, canvas_size=(height, width)),
+        "keypoint_visibility": torch.tensor([[0, 2, 1]] * len(boxes), dtype=torch.int64),
+        "semantic": tv_tensors.Mask(torch.randint(0, 3, (height, width), generator=g).masked_fill(
+            torch.rand(height, width, generator=g) < 0.2, IGNORE_INDEX)),
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert type(a[k]) is type(b[k]), k
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+BOXES = [[2, 3, 12, 15], [14, 1, 30, 9], [5, 18, 20, 31]]
+
+
+def test_flip_twice_is_identity():
+    sample = make_sample(32, 32, BOXES)
+    flip = build_train_transforms(TransformConfig(image_size=32, hflip_prob=1.0), flip_permutation=PERM)
+    once = flip(sample)
+    assert not torch.equal(once["image"], sample["image"])
+    assert_same(flip(once), sample)
+
+
+def test_flip_moves_everything_and_swaps_left_right_keypoints():
+    sample = make_sample(32, 32, BOXES)
+    out = build_train_transforms(TransformConfig(image_size=32, hflip_prob=1.0), flip_permutation=PERM)(sample)
+
+    assert torch.equal(out["image"], sample["image"].flip(-1))
+    assert torch.equal(out["masks"], sample["masks"].flip(-1))
+    assert torch.equal(out["semantic"], sample["semantic"].flip(-1))
+    x1, y1, x2, y2 = sample["boxes"].unbind(-1)
+    assert torch.equal(out["boxes"], torch.stack([32 - x2, y1, 32 - x1, y2], dim=-1))
+    old, new = sample["keypoints"], out["keypoints"]
+    # The new left hand is the mirrored old right hand (torchvision's keypoint flip: x -> W - 1 - x).
+    assert torch.equal(new[:, LEFT, 0], 31 - old[:, RIGHT, 0]) and torch.equal(new[:, LEFT, 1], old[:, RIGHT, 1])
+    assert torch.equal(new[:, RIGHT, 0], 31 - old[:, LEFT, 0]) and torch.equal(new[:, RIGHT, 1], old[:, LEFT, 1])
+    assert out["keypoint_visibility"].tolist() == [[0, 1, 2]] * 3
+    assert isinstance(new, tv_tensors.KeyPoints)
+
+
+def test_random_transforms_keep_boxes_inside_and_instances_aligned():
+    cfg = TransformConfig(image_size=24, hflip_prob=0.5, min_crop_area=0.3)
+    transform = build_train_transforms(cfg, flip_permutation=PERM)
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    dropped = hidden = 0
+    for seed in range(60):
+        h, w = (int(v) for v in torch.randint(20, 60, (2,), generator=g))
+        # Some boxes stick out of the image, as slightly-off source annotations do.
+        boxes = []
+        for _ in range(int(torch.randint(1, 5, (), generator=g))):
+            x1, y1 = int(torch.randint(-3, w - 4, (), generator=g)), int(torch.randint(-3, h - 4, (), generator=g))
+            bw, bh = int(torch.randint(3, w // 2, (), generator=g)), int(torch.randint(3, h // 2, (), generator=g))
+            boxes.append([x1, y1, x1 + bw, y1 + bh])
+        out = transform(make_sample(h, w, boxes, seed=seed))
+        n = len(out["boxes"])
+        dropped += len(boxes) - n
+        assert out["image"].shape == (3, 24, 24) and out["semantic"].shape == (24, 24)
+        assert all(len(out[k]) == n for k in INSTANCE_KEYS)
+        b = out["boxes"]
+        assert ((b >= 0) & (b <= 24)).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert ((out["iscrowd"]) == ((out["labels"] - LABEL_OFFSET) % 2 == 1)).all()
+        vis = out["keypoint_visibility"]
+        assert (vis[:, NOSE] == 0).all()
+        hidden += int((vis[:, [LEFT, RIGHT]] == 0).sum())
+        for i in range(n):
+            # Each kept mask and visible keypoint still belongs to the box at the same index.
+            ys, xs = torch.nonzero(out["masks"][i], as_tuple=True)
+            if len(xs):
+                assert xs.min() >= b[i, 0] - 1.5 and xs.max() <= b[i, 2] + 0.5
+                assert ys.min() >= b[i, 1] - 1.5 and ys.max() <= b[i, 3] + 0.5
+            kp = out["keypoints"][i][vis[i] > 0]
+            assert ((kp >= 0) & (kp <= 23)).all()
+            assert ((kp[:, 0] >= b[i, 0] - 1.5) & (kp[:, 0] <= b[i, 2] + 1.5)).all()
+            assert ((kp[:, 1] >= b[i, 1] - 1.5) & (kp[:, 1] <= b[i, 3] + 1.5)).all()
+    # The crops did remove instances and hide keypoints, so both paths were exercised.
+    assert dropped > 0 and hidden > 0
+
+
+def test_degenerate_box_is_dropped_with_its_label_mask_and_keypoints():
+    # 8 instances on an 8x8 image: the instance count equals the semantic mask's height,
+    # which must not make the semantic mask look per-instance.
+    boxes = [[0, 0, 4, 4], [2, 2, 2, 6]] + [[i % 4, 4, i % 4 + 4, 8] for i in range(6)]
+    sample = make_sample(8, 8, boxes)
+    out = build_train_transforms(TransformConfig(image_size=8, hflip_prob=0.0), flip_permutation=PERM)(sample)
+    keep = [0, 2, 3, 4, 5, 6, 7]
+    assert (out["labels"] - LABEL_OFFSET).tolist() == keep
+    for k in INSTANCE_KEYS:
+        assert torch.equal(out[k], sample[k][keep]), k
+    assert isinstance(out["keypoints"], tv_tensors.KeyPoints) and isinstance(out["masks"], tv_tensors.Mask)
+    assert torch.equal(out["semantic"], sample["semantic"])
+
+
+def test_keypoints_without_flip_permutation_raise():
+    transform = build_train_transforms(TransformConfig(image_size=32, hflip_prob=1.0), flip_permutation=None)
+    with pytest.raises(ValueError, match="no flip_permutation"):
+        transform(make_sample(32, 32, BOXES))
+
+
+def test_eval_transforms_resize_only():
+    sample = make_sample(32, 40, BOXES)
+    out = build_eval_transforms(TransformConfig(image_size=16))(sample)
+    assert out["image"].shape == (3, 16, 16) and out["masks"].shape == (3, 16, 16)
+    assert torch.allclose(out["boxes"], sample["boxes"] * torch.tensor([16 / 40, 0.5, 16 / 40, 0.5]))
+    assert torch.equal(out["keypoint_visibility"], sample["keypoint_visibility"])
+
+
+@pytest.mark.parametrize("field, value", [("image_size", 0), ("hflip_prob", 1.5), ("min_crop_area", 0.0)])
+def test_transform_config_validation_names_field(field, value):
+    with pytest.raises(ValueError, match=f"TransformConfig.{field}"):
+        TransformConfig(**{field: value})

@@ -1,0 +1,122 @@
+"""The assembled model: losses per task, the DDP graph invariant, per-sample masking, predict, overfitting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipelines.schema import TASK_INDEX, TASKS, Batch
+from models import ModelConfig, MultiTaskModel, build_model
+from models.heads import head_names
+from tests.models.synthetic import NUM_CLASSES, make_batch, make_target
+
+SMALL = dict(fpn_channels=64, semantic_channels=64, fcos_num_convs=2, mask_head_convs=2, keypoint_head_convs=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def model(**overrides) -> MultiTaskModel:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**{**SMALL, **overrides}), num_classes=NUM_CLASSES)
+
+
+def backward(m: MultiTaskModel, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    losses, counts = m(batch)
+    sum(losses.values()).backward()
+    return losses, counts
+
+
+def only(task: str, rows: int = 2) -> torch.Tensor:
+    mask = torch.zeros(rows, len(TASKS), dtype=torch.bool)
+    mask[:, TASK_INDEX[task]] = True
+    return mask
+
+
+def test_default_model_trains_every_task_and_every_parameter() -> None:
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(), num_classes=NUM_CLASSES)
+    losses, counts = backward(m, make_batch([make_target(0), make_target(1)]))
+    assert list(losses) == list(TASKS) and counts == {t: 2 for t in TASKS}
+    assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values()), losses
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("task", head_names())
+def test_absent_tasks_give_zero_loss_and_zero_gradients(task: str) -> None:
+    m = model()
+    losses, counts = backward(m, make_batch([make_target(0), make_target(1)], task_mask=only(task)))
+    assert counts == {t: 2 if t == task else 0 for t in TASKS}
+    for other in set(TASKS) - {task}:
+        assert losses[other].item() == 0.0
+        grads = [p.grad for p in m.heads[other].parameters()]
+        assert all(g is not None and not g.any() for g in grads), other
+    assert all(p.grad is not None for p in m.parameters())  # backbone and FPN included
+    assert any(p.grad.any() for p in m.heads[task].parameters())
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [["detection"], ["detection", "instance_mask"], ["detection", "keypoints"], ["semantic"], ["classification"]],
+)
+def test_every_parameter_is_in_the_graph_for_any_task_subset(tasks: list[str]) -> None:
+    # P6/P7 are FCOS levels; the other heads must use them too, or DDP would find them unused.
+    m = model(tasks=tasks)
+    losses, _ = backward(m, make_batch([make_target(0), make_target(1)]))
+    assert list(losses) == tasks
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_unlabelled_sample_does_not_change_any_task_loss() -> None:
+    # Frozen BN keeps samples independent through the backbone, so this holds end to end.
+    m = model()
+    a, b = make_target(0), make_target(1, num_instances=3)
+    pair = make_batch([a, b], seed=3)
+    pair.task_mask[1] = False
+    alone = Batch(images=pair.images[:1], targets=[a], task_mask=pair.task_mask[:1])
+    with torch.no_grad():
+        pair_losses, pair_counts = m(pair)
+        alone_losses, _ = m(alone)
+    assert pair_counts == {t: 1 for t in TASKS}
+    for task in TASKS:
+        torch.testing.assert_close(pair_losses[task], alone_losses[task], rtol=1e-4, atol=1e-5, msg=task)
+
+
+def test_predict_on_unpadded_size() -> None:
+    # 120x100 is padded to 128x128 inside; outputs come back in the 120x100 frame.
+    m = model(detection_score_thresh=0.0, detections_per_image=5).eval()
+    outputs = m.predict(torch.rand(2, 3, 120, 100))
+    assert len(outputs) == 2
+    for out in outputs:
+        n = len(out["boxes"])
+        assert n == 5 and out["scores"].shape == (n,) and out["labels"].shape == (n,)
+        assert (out["boxes"][:, 0::2] <= 100).all() and (out["boxes"][:, 1::2] <= 120).all()
+        assert out["masks"].shape == (n, 1, 120, 100)
+        assert out["keypoints"].shape == (n, NUM_CLASSES["keypoints"], 3)
+        assert out["semantic"].shape == (120, 100)
+        assert out["semantic_logits"].shape == (NUM_CLASSES["semantic"], 120, 100)
+        assert out["class_scores"].shape == (NUM_CLASSES["classification"],)
+
+
+def test_missing_class_count_is_an_error() -> None:
+    with pytest.raises(ValueError, match="semantic"):
+        build_model(ModelConfig(**SMALL), num_classes={t: 3 for t in TASKS if t != "semantic"})
+
+
+def test_overfits_one_batch() -> None:
+    # Frozen backbone keeps it fast; the heads and FPN must still fit every task.
+    m = model(trainable_backbone_layers=0)
+    batch = make_batch([make_target(0), make_target(1)])
+    optimizer = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(25):
+        losses, _ = m(batch)
+        first = first or {t: v.item() for t, v in losses.items()}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    last = {t: v.item() for t, v in m(batch)[0].items()}
+    assert all(last[t] < 0.6 * first[t] for t in TASKS), (first, last)

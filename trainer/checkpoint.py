@@ -1,0 +1,137 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout: ``<run.dir>/checkpoints/step_<N>/`` (``.metadata``, one ``.distcp`` per rank,
+``meta.json``) and ``checkpoints/latest``, a symlink to the newest complete one.
+
+Atomicity: every rank writes into ``step_<N>.partial``; only after all ranks finished
+(DCP's save is collective) does rank 0 write ``meta.json``, rename the directory and
+swap ``latest`` with an atomic rename. A crash at any point leaves the previous
+checkpoint and ``latest`` untouched; a stale ``.partial`` is deleted by the next save.
+"""
+from __future__ import annotations
+
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._nested_dict import set_element
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    # "auto": continue from checkpoints/latest when present; "never"; or a checkpoint path.
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+META_NAME = "meta.json"
+
+
+class Checkpointer:
+    def __init__(self, *, run_dir: str | Path, cfg: CheckpointConfig, is_main: bool) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self.is_main = is_main
+
+    def should_save(self, step: int, *, last: bool) -> bool:
+        return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it with its own ``state``; returns the final path."""
+        final = self.root / f"step_{step}"
+        partial = self.root / f"step_{step}.partial"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=str(partial))
+        dist.barrier()  # every rank's shard is on disk
+        if self.is_main:
+            _write_json_durably(partial / META_NAME, {"step": step, **meta})
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _point_latest(self.root, final.name)
+            self._prune()
+            log.info("checkpoint saved: %s", final)
+        dist.barrier()
+        return final
+
+    def latest(self) -> Path | None:
+        link = self.root / "latest"
+        if not link.exists():
+            return None
+        target = link.resolve()
+        return target if (target / META_NAME).is_file() else None
+
+    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Load into ``state`` in place (collective); returns the checkpoint's meta.json."""
+        path = Path(path)
+        meta_file = path / META_NAME
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: not a complete polytask checkpoint (no {META_NAME})")
+        try:
+            dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner())
+        except CheckpointException as e:  # a BaseException carrying every rank's traceback
+            rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointLoadError(f"{path}: cannot load (rank {rank}): {type(exc).__name__}: {first_line}") from None
+        return json.loads(meta_file.read_text())
+
+    def _prune(self) -> None:
+        steps = sorted(
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+        )
+        for _, old in steps[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded into this job (other model, corrupt, unsafe)."""
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP unpickles non-tensor values (step counters, scheduler state) with
+    ``weights_only=False``; a checkpoint from elsewhere must not run code, so we use
+    ``weights_only=True`` for those too (tensors already load that way)."""
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(name, tmp)  # relative: the run directory can be moved
+    os.replace(tmp, root / "latest")

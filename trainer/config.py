@@ -1,0 +1,64 @@
+"""The job config: one typed config per component, composed at the root.
+
+Components receive their own section (``cfg.model``, ``cfg.data`` ...), never the whole job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data_pipelines.loader import DataConfig
+from data_pipelines.schema import TASKS
+from models.config import ModelConfig
+from trainer.checkpoint import CheckpointConfig
+from trainer.config_loading import ConfigError, apply_overrides, from_dict, read_yaml
+from trainer.metrics_logger import WandbConfig
+from trainer.optim import OptimConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/demo"
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    max_steps: int = 300
+    backend: Literal["ddp"] = "ddp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; statistics stay fp32
+    # Static per-task loss weights (dynamic balancing comes with the balancer); missing = 1.0.
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    log_every: int = 10
+    dist_timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"trainer.log_every must be >= 1, got {self.log_every}")
+        unknown = sorted(set(self.loss_weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"trainer.loss_weights: unknown task(s) {unknown}; expected some of {list(TASKS)}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read ``path``, apply ``key=value`` overrides, validate. Raises :class:`ConfigError`."""
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    try:
+        return from_dict(JobConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,26 @@
+"""Per-rank entry point (``polytask train``), started by torchrun: parse, build, train, close."""
+from __future__ import annotations
+
+import logging
+import os
+
+from trainer.config import JobConfig
+from trainer.distributed import init_distributed, setup_rank_logging, shutdown_distributed
+from trainer.train_loop import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def run_training(cfg: JobConfig) -> int:
+    setup_rank_logging(int(os.environ.get("RANK", 0)))
+    # Quiet third-party loggers only where they are noisy per step.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    dist_info = init_distributed(device=cfg.trainer.device, timeout_s=cfg.trainer.dist_timeout_s)
+    log.info("world size %d, device %s", dist_info.world_size, dist_info.device)
+    try:
+        trainer = Trainer(cfg, dist_info)
+        trainer.train()
+        summary = trainer.finish()
+        return 0 if summary["replicas_in_sync"] else 1
+    finally:
+        shutdown_distributed()
