@@ -56,7 +56,7 @@ def main() -> None:
 
         seed_everything(0)
         bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes())
-        bare.load_state_dict(trainer.model.module.state_dict())
+        bare.load_state_dict(trainer.backend.module.state_dict())
         bare_opt = build_optimizer(bare, cfg.optim)
 
         def bare_round() -> float:
@@ -72,7 +72,7 @@ def main() -> None:
         def trainer_round() -> float:
             t0 = time.perf_counter()
             for b in batches:
-                trainer.train_step(b)
+                trainer.train_step([b])
             return (time.perf_counter() - t0) / len(batches)
 
         bare_round(), trainer_round()  # warm-up: allocator, first-call costs

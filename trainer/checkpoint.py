@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,16 @@ class Checkpointer:
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its own ``state``; returns the final path."""
+    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it; ``write(dir)`` writes this rank's part of the
+        checkpoint into ``dir`` (e.g. :func:`write_dcp`). Returns the final path."""
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
-        dcp.save(state, checkpoint_id=str(partial))
+        write(partial)
         dist.barrier()  # every rank's shard is on disk
         if self.is_main:
             _write_json_durably(partial / META_NAME, {"step": step, **meta})
@@ -83,18 +85,10 @@ class Checkpointer:
         target = link.resolve()
         return target if (target / META_NAME).is_file() else None
 
-    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-        """Load into ``state`` in place (collective); returns the checkpoint's meta.json."""
-        path = Path(path)
-        meta_file = path / META_NAME
+    def read_meta(self, path: str | Path) -> dict[str, Any]:
+        meta_file = Path(path) / META_NAME
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path}: not a complete polytask checkpoint (no {META_NAME})")
-        try:
-            dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner())
-        except CheckpointException as e:  # a BaseException carrying every rank's traceback
-            rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointLoadError(f"{path}: cannot load (rank {rank}): {type(exc).__name__}: {first_line}") from None
         return json.loads(meta_file.read_text())
 
     def _prune(self) -> None:
@@ -120,6 +114,59 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def write_dcp(state: dict[str, Any], directory: Path) -> None:
+    """This rank's part of ``state`` into ``directory`` (collective)."""
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def read_dcp(state: dict[str, Any], directory: str | Path) -> None:
+    """Load ``directory`` into ``state`` in place (collective); tensors and other values
+    both with ``weights_only=True``. Errors name the checkpoint and the first failure."""
+    _check_compatible(state, directory)
+    try:
+        dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyLoadPlanner())
+    except CheckpointException as e:  # a BaseException carrying every rank's traceback
+        rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointLoadError(f"{directory}: cannot load (rank {rank}): {type(exc).__name__}: {first_line}") from None
+
+
+def _check_compatible(state: dict[str, Any], directory: str | Path) -> None:
+    """A checkpoint of another model or config: one error listing what does not match,
+    before DCP fails somewhere inside its planner."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    # Tensors only: DCP's naming of tensor leaves is the dotted dict path, for sure.
+    wanted = {k: v for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}
+    missing = sorted(k for k in wanted if k not in stored)
+    shape = sorted(
+        f"{k}: checkpoint {list(stored[k].size)} vs job {list(v.shape)}"
+        for k, v in wanted.items()
+        if k in stored and isinstance(stored[k], TensorStorageMetadata)
+        and tuple(stored[k].size) != tuple(v.shape)
+    )
+    if missing or shape:
+        lines = [f"{directory}: checkpoint does not match this job (another model or config?)"]
+        if missing:
+            lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if shape:
+            lines.append(f"  shape mismatch ({len(shape)}): {'; '.join(shape[:10])}{' ...' if len(shape) > 10 else ''}")
+        raise CheckpointLoadError("\n".join(lines))
+
+
+def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """DCP's key naming: nested dict keys joined with '.'; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:

@@ -33,10 +33,14 @@ class TrainerConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     log_every: int = 10
     dist_timeout_s: int = 600
+    # Micro-batches per optimizer step (data.batch_size each); gradients sync on the last.
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"trainer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.log_every < 1:
             raise ValueError(f"trainer.log_every must be >= 1, got {self.log_every}")
         unknown = sorted(set(self.loss_weights) - set(TASKS))

@@ -1,40 +1,42 @@
 """Per-task losses normalised over the *global* batch.
 
-Heads return each task's loss averaged over the local samples that carry its labels,
-and how many there were. Ranks hold different numbers of labelled samples, so a plain
-DDP gradient average of local means would overweight samples on sparse ranks. One
-all-reduce of a [T, 2] tensor (counts, count-weighted loss sums) gives the global
-counts; each local loss is then rescaled so that DDP's average equals the mean over
-all labelled samples in the global batch, as with one big batch. Every rank runs this
-all-reduce every step, whatever its batch holds (collectives stay identical).
+Heads return each task's loss averaged over the local samples that carry its labels.
+Ranks (and micro-batches) hold different numbers of labelled samples, so averaging local
+means would overweight samples on sparse ranks. The global number of labelled samples
+per task over the whole optimizer step (all ranks, all micro-batches) comes from the
+batches' task masks with one all-reduce of a [T] tensor, before any forward pass; each
+micro-batch's local mean is then rescaled so that DDP's average, summed over the
+micro-batches, is the mean over every labelled sample of the step, as with one big batch.
+Every rank runs that all-reduce every step, whatever its batches hold.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class ReducedLosses:
-    scaled: dict[str, torch.Tensor]  # differentiable; DDP's average of these = global mean
-    global_mean: torch.Tensor  # [T] detached, mean loss over all labelled samples (0 if none)
-    global_count: torch.Tensor  # [T] labelled samples per task over all ranks
-    tasks: list[str]
+from data_pipelines.schema import TASK_INDEX, Batch
 
 
-def reduce_task_losses(losses: dict[str, torch.Tensor], counts: dict[str, int], *,
-                       world_size: int) -> ReducedLosses:
-    tasks = list(losses)
-    device = next(iter(losses.values())).device
-    local_counts = torch.tensor([float(counts[t]) for t in tasks], device=device)
-    local_sums = torch.stack([losses[t].detach().float() for t in tasks]) * local_counts
-    stats = torch.stack([local_counts, local_sums], dim=1)
+def local_task_counts(batch: Batch, tasks: list[str]) -> torch.Tensor:
+    """Labelled samples per task in one local batch, float32 [T] (what the heads average over)."""
+    columns = [TASK_INDEX[t] for t in tasks]
+    return batch.task_mask[:, columns].sum(dim=0).float()
+
+
+def global_task_counts(batches: list[Batch], tasks: list[str], *, world_size: int) -> torch.Tensor:
+    """Labelled samples per task over the step's micro-batches on every rank (collective)."""
+    counts = torch.stack([local_task_counts(b, tasks) for b in batches]).sum(dim=0)
     if world_size > 1:
-        dist.all_reduce(stats)
-    global_count, global_sum = stats[:, 0], stats[:, 1]
-    denom = global_count.clamp(min=1.0)
-    factors = local_counts * world_size / denom
-    scaled = {t: losses[t] * factors[i] for i, t in enumerate(tasks)}
-    return ReducedLosses(scaled=scaled, global_mean=global_sum / denom, global_count=global_count, tasks=tasks)
+        dist.all_reduce(counts)
+    return counts
+
+
+def scale_task_losses(losses: dict[str, torch.Tensor], local_counts: torch.Tensor,
+                      global_counts: torch.Tensor, *, world_size: int) -> dict[str, torch.Tensor]:
+    """Rescale local means so that DDP's gradient average equals the global per-sample mean.
+
+    A task without any labelled sample in the step gets factor 0 (its loss is an exact
+    zero that still touches its head's parameters, keeping collectives identical).
+    """
+    factors = local_counts * world_size / global_counts.clamp(min=1.0)
+    return {t: loss * factors[i] for i, (t, loss) in enumerate(losses.items())}

@@ -12,26 +12,26 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_pipelines.loader import build_train_loader
 from data_pipelines.schema import Batch
 from models import build_model
+from trainer.backends import build_backend
 from trainer.checkpoint import Checkpointer
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
 from trainer.metrics_logger import MetricsLogger
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.task_losses import reduce_task_losses
+from trainer.rng_state import get_rng_state, set_rng_state
+from trainer.task_losses import global_task_counts, local_task_counts, scale_task_losses
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _LogWindow:
 
     def add(self, out: dict[str, torch.Tensor], *, images: int) -> None:
         # stays on the device: no host sync per step
-        self.loss_sum += out["global_mean"] * out["global_count"]
+        self.loss_sum += out["loss_sums"]
         self.count += out["global_count"]
         self.grad_norm_sum += out["grad_norm"].detach()
         self.steps += 1
@@ -79,12 +79,9 @@ class Trainer:
         model = build_model(cfg.model, num_classes=self.label_space.num_classes()).to(self.device)
         self.tasks: list[str] = list(cfg.model.tasks)
         self.loss_weights = {t: cfg.trainer.loss_weights.get(t, 1.0) for t in self.tasks}
-        self.model = DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-        )
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps=cfg.trainer.max_steps)
+        self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device)
         self.step = 0
+        self._data_iter: Iterator[Batch] | None = None
 
         self.checkpointer = Checkpointer(run_dir=self.run_dir, cfg=cfg.checkpoint, is_main=dist_info.is_main)
         wandb_run_id = self._maybe_resume()
@@ -97,13 +94,14 @@ class Trainer:
         )
 
     # --- checkpoint state -------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+    def _extra_state(self) -> dict[str, Any]:
+        """The loop's own state; per-rank parts under per-rank keys (DCP keeps one copy of
+        a key that every rank holds)."""
+        rank = f"rank_{self.dist.rank}"
         return {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scheduler": self.scheduler.state_dict(),
             "train": {"step": self.step},
+            "rng": {rank: get_rng_state()},
+            "data": {rank: self.loader.state_dict()},
         }
 
     def _maybe_resume(self) -> str | None:
@@ -113,17 +111,29 @@ class Trainer:
         path = self.checkpointer.latest() if resume == "auto" else Path(resume)
         if path is None:
             return None
-        state = self._state()
-        meta = self.checkpointer.load(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["train"]["step"])
+        meta = self.checkpointer.read_meta(path)
+        extra = self._extra_state()
+        same_world = meta.get("world_size") == self.dist.world_size
+        if not same_world:
+            # Per-rank RNG and stream positions belong to the old layout of ranks.
+            log.warning("checkpoint %s was written by %s ranks, this job has %d: model, optimizer "
+                        "and schedule are resharded; data streams and RNG restart from the seed",
+                        path, meta.get("world_size"), self.dist.world_size)
+            extra = {"train": extra["train"]}
+        self.backend.load(path, extra)
+        self.step = int(extra["train"]["step"])
+        if same_world:
+            rank = f"rank_{self.dist.rank}"
+            set_rng_state(extra["rng"][rank])
+            self.loader.load_state_dict(extra["data"][rank])
         log.info("resumed from %s at step %d", path, self.step)
         return meta.get("wandb_run_id")
 
     def save_checkpoint(self) -> Path:
-        meta = {"wandb_run_id": self.metrics.run_id, "world_size": self.dist.world_size}
-        return self.checkpointer.save(self.step, self._state(), meta)
+        meta = {"wandb_run_id": self.metrics.run_id, "world_size": self.dist.world_size,
+                "backend": self.cfg.trainer.backend}
+        extra = self._extra_state()
+        return self.checkpointer.save(self.step, lambda d: self.backend.save(d, extra), meta)
 
     # --- one step ---------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -131,22 +141,29 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        batch = batch.to(self.device)
-        with self._autocast():
-            losses, counts = self.model(batch)
-        reduced = reduce_task_losses(losses, counts, world_size=self.dist.world_size)
-        total = sum(self.loss_weights[t] * reduced.scaled[t] for t in self.tasks)
+    def _next_batch(self) -> Batch:
+        if self._data_iter is None:
+            self._data_iter = iter(self.loader)
+        return next(self._data_iter)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        clip = self.cfg.optim.grad_clip
-        params = self.model.parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+    def train_step(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``batches`` (the micro-batches of gradient accumulation)."""
+        batches = [b.to(self.device) for b in batches]
+        global_counts = global_task_counts(batches, self.tasks, world_size=self.dist.world_size)
+        loss_sums = torch.zeros(len(self.tasks), device=self.device)
+        for i, batch in enumerate(batches):
+            with self.backend.micro_batch_context(last=i == len(batches) - 1):
+                with self._autocast():
+                    losses, _ = self.backend.model(batch)
+                local_counts = local_task_counts(batch, self.tasks)
+                scaled = scale_task_losses(losses, local_counts, global_counts, world_size=self.dist.world_size)
+                total = sum(self.loss_weights[t] * scaled[t] for t in self.tasks)
+                self.backend.backward(total)
+            loss_sums += torch.stack([losses[t].detach().float() for t in self.tasks]) * local_counts
+        grad_norm = self.backend.optimizer_step()
         self.step += 1
-        return {"global_mean": reduced.global_mean, "global_count": reduced.global_count, "grad_norm": grad_norm}
+        # Local sums; the window all-reduces them once per log line, not per step.
+        return {"loss_sums": loss_sums, "global_count": global_counts, "grad_norm": grad_norm}
 
     # --- the loop ---------------------------------------------------------------------
     def train(self) -> None:
@@ -154,17 +171,16 @@ class Trainer:
         if self.step >= cfg.max_steps:
             log.info("nothing to do: step %d >= trainer.max_steps %d", self.step, cfg.max_steps)
             return
-        self.model.train()
-        data_iter = iter(self.loader)
+        self.backend.model.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main,
                         desc="train", dynamic_ncols=True)
         window = _LogWindow(len(self.tasks), self.device)
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            batch = next(data_iter)
+            batches = [self._next_batch() for _ in range(cfg.grad_accum_steps)]
             window.data_wait += time.perf_counter() - t0
-            out = self.train_step(batch)
-            window.add(out, images=len(batch))
+            out = self.train_step(batches)
+            window.add(out, images=sum(len(b) for b in batches))
             progress.update(1)
             last = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or last:
@@ -177,8 +193,11 @@ class Trainer:
         progress.close()
 
     def _metrics_row(self, window: "_LogWindow") -> dict[str, float]:
+        loss_sum = window.loss_sum.clone()
+        if self.dist.world_size > 1:
+            dist.all_reduce(loss_sum)  # every rank logs at the same steps: same collectives
         counts = window.count.tolist()
-        means = (window.loss_sum / window.count.clamp(min=1)).tolist()
+        means = (loss_sum / window.count.clamp(min=1)).tolist()
         row: dict[str, float] = {}
         for i, t in enumerate(self.tasks):
             if counts[i] > 0:  # no labelled sample of this task in the window: no loss to show
@@ -186,7 +205,7 @@ class Trainer:
             row[f"weight/{t}"] = self.loss_weights[t]
             row[f"samples/{t}"] = counts[i]
         row["loss/total"] = float(sum(self.loss_weights[t] * means[i] for i, t in enumerate(self.tasks)))
-        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["lr"] = self.backend.lr()
         row["grad_norm"] = float(window.grad_norm_sum) / max(window.steps, 1)
         elapsed = time.perf_counter() - window.started
         # every rank draws the same batch size, so images/s over all ranks is local x world
@@ -198,7 +217,7 @@ class Trainer:
     def replica_digests(self) -> list[str]:
         """sha256 of every rank's parameters; DDP replicas must be bit-identical."""
         h = hashlib.sha256()
-        for name, p in sorted(self.model.module.state_dict().items()):
+        for name, p in sorted(self.backend.module.state_dict().items()):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         digests: list[str] = [""] * self.dist.world_size

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLoadError
+from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLoadError, read_dcp, write_dcp
 
 run_dir = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -33,7 +33,7 @@ def state():
 ckpt = Checkpointer(run_dir=run_dir, cfg=CheckpointConfig(keep_last=2), is_main=rank == 0)
 assert ckpt.latest() is None
 train_one()
-ckpt.save(1, state(), {"note": "one"})
+ckpt.save(1, lambda d: write_dcp(state(), d), {"note": "one"})
 saved = {k: v.clone() for k, v in model.module.state_dict().items()}
 
 # A save that crashed halfway: a stale partial directory, never pointed at.
@@ -47,7 +47,8 @@ assert ckpt.latest().name == "step_1"
 train_one()
 assert not all(torch.equal(saved[k], v) for k, v in model.module.state_dict().items())
 s = state()
-meta = ckpt.load(ckpt.latest(), s)
+read_dcp(s, ckpt.latest())
+meta = ckpt.read_meta(ckpt.latest())
 set_state_dict(model, opt, model_state_dict=s["model"], optim_state_dict=s["optimizer"])
 assert meta["step"] == 1 and meta["note"] == "one"
 for k, v in model.module.state_dict().items():
@@ -55,7 +56,7 @@ for k, v in model.module.state_dict().items():
 
 for step in (2, 3, 4):
     train_one()
-    ckpt.save(step, state(), {})
+    ckpt.save(step, lambda d: write_dcp(state(), d), {})
 dist.barrier()
 names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 assert names == ["latest", "step_3", "step_4"], names  # the stale partial was cleaned by save(2)
@@ -67,12 +68,24 @@ class Payload:
     pass
 
 
-ckpt.save(5, {**state(), "extra": {"obj": Payload()}}, {})
+ckpt.save(5, lambda d: write_dcp({**state(), "extra": {"obj": Payload()}}, d), {})
 try:
-    ckpt.load(ckpt.latest(), {**state(), "extra": {"obj": None}})
+    read_dcp({**state(), "extra": {"obj": None}}, ckpt.latest())
 except CheckpointLoadError as e:
     assert "step_5: cannot load" in str(e) and "Weights only load failed" in str(e), e
 else:
     raise AssertionError("a pickled object loaded without weights_only protection")
+
+# A checkpoint of another model: one error listing the mismatching keys.
+other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.Linear(2, 2))
+try:
+    read_dcp({"model": other.state_dict()}, run_dir / "checkpoints" / "step_4")
+except CheckpointLoadError as e:
+    msg = str(e)
+    assert "does not match this job" in msg, msg
+    assert "missing in checkpoint (2): model.2.bias, model.2.weight" in msg, msg
+    assert "model.0.weight: checkpoint [8, 4] vs job [16, 4]" in msg, msg
+else:
+    raise AssertionError("another model's checkpoint loaded")
 print(f"rank {rank} ok")
 dist.destroy_process_group()

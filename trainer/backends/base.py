@@ -1,0 +1,48 @@
+"""What the training loop needs from a distributed backend (DDP, DeepSpeed ZeRO)."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class TrainBackend(ABC):
+    """Owns the wrapped model, the optimizer and the LR schedule.
+
+    The loop calls, per optimizer step: ``micro_batch_context(last)`` around each
+    micro-batch's forward and backward, ``backward(loss)``, then ``optimizer_step()``.
+    Checkpoints: ``save(dir, extra)`` writes this rank's part of model/optimizer/schedule
+    plus the loop's ``extra`` state; ``load(dir, extra)`` restores them in place.
+    """
+
+    #: the wrapped model (call it for forward passes)
+    model: nn.Module
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The unwrapped MultiTaskModel."""
+
+    @abstractmethod
+    def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch; gradient sync happens only on the last one."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step, zero the gradients, advance the schedule; returns the grad norm."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def save(self, directory: Path, extra: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def load(self, directory: Path, extra: dict[str, Any]) -> None: ...

@@ -1,0 +1,61 @@
+"""DistributedDataParallel + AdamW, checkpointed with torch.distributed.checkpoint."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.backends.base import TrainBackend
+from trainer.checkpoint import read_dcp, write_dcp
+from trainer.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+class DDPBackend(TrainBackend):
+    def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device) -> None:
+        # Every head takes part in every forward (exact zeros for absent tasks), so no
+        # find_unused_parameters graph walk is needed.
+        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
+        self.grad_clip = optim.grad_clip
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> torch.Tensor:
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), **extra}
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        write_dcp(self._state(extra), directory)
+
+    def load(self, directory: Path, extra: dict[str, Any]) -> None:
+        state = self._state(extra)
+        read_dcp(state, directory)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in extra:
+            extra[key] = state[key]
