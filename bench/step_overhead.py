@@ -62,7 +62,7 @@ def main() -> None:
         def bare_round() -> float:
             t0 = time.perf_counter()
             for b in batches:
-                losses, _ = bare(b)
+                losses = bare(b).losses
                 total = sum(losses.values())
                 bare_opt.zero_grad(set_to_none=True)
                 total.backward()

@@ -1,4 +1,5 @@
-"""``polytask`` command line: ``launch`` (torchrun), ``train`` (one rank), ``data``."""
+"""``polytask`` command line: ``launch`` (torchrun), ``train`` (one rank), ``eval`` (one rank),
+``report``, ``data``."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one rank (torchrun starts this)")
     _add_config_args(train)
 
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on eval.sources (one rank; torchrun for more)")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory, e.g. RUN/checkpoints/latest")
+
+    report = sub.add_parser("report", help="PNG figures of a run from its metrics.jsonl and eval summaries")
+    report.add_argument("run_dir", help="the run directory")
+    report.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
+
     data = sub.add_parser("data", help="demo data and converters")
     add_data_subcommands(data.add_subparsers(dest="data_command", required=True))
     return parser
@@ -54,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "report":
+            return _report(args)
         from data_pipelines.data_cli import run_data_command
 
         return run_data_command(args)
@@ -90,3 +103,18 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.main import run_training
 
     return run_training(load_config(args.config, args.overrides))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.evaluation.eval_main import run_eval
+
+    return run_eval(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from trainer.evaluation.report import render_report
+
+    for path in render_report(args.run_dir, out_dir=args.out):
+        print(path)
+    return 0

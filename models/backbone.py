@@ -62,12 +62,20 @@ def load_local_weights(module: nn.Module, path: str) -> None:
         )
 
 
+# Both normalise each sample on its own (no batch statistics). frozen_bn is the recipe for
+# pretrained weights; from scratch it is the identity, so group_norm trains better there.
+_NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "group_norm": lambda channels: nn.GroupNorm(32, channels),
+}
+
+
 def _resnet_fpn(name: str, cfg: ModelConfig) -> BackboneWithFPN:
     # Same recipe as torchvision's resnet_fpn_backbone (frozen BN, layer freezing, returned
     # layers 2-4 + P6/P7 as in fcos_resnet50_fpn), which hard-codes 256 FPN channels.
     # FrozenBatchNorm2d also keeps samples independent, so a sample without a task's label
     # cannot change that task's loss through batch statistics.
-    trunk = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBatchNorm2d)
+    trunk = torchvision.models.get_model(name, weights=None, norm_layer=_NORM_LAYERS[cfg.backbone_norm])
     if cfg.backbone_weights:
         load_local_weights(trunk, cfg.backbone_weights)
     trainable = ("layer4", "layer3", "layer2", "layer1", "conv1")[: cfg.trainable_backbone_layers]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from data_pipelines.schema import TASKS
 from models.backbone import backbone_names
@@ -16,6 +17,8 @@ class ModelConfig:
     # Local state_dict of the backbone's classification network (e.g. torchvision's
     # resnet18-f37072fd.pth); weights are never downloaded.
     backbone_weights: str | None = None
+    # Normalisation inside the backbone: frozen_bn (pretrained weights) or group_norm (from scratch).
+    backbone_norm: Literal["frozen_bn", "group_norm"] = "frozen_bn"
     trainable_backbone_layers: int = 5  # 0..5, counted from the last stage, as in torchvision
     fpn_channels: int = 128
     tasks: list[str] = field(default_factory=lambda: list(TASKS))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,13 @@ from models.backbone import build_backbone
 from models.config import ModelConfig
 from models.heads import build_head
 from models.heads.base import Features
+
+
+class MultiTaskOutput(NamedTuple):
+    losses: dict[str, Tensor]  # per task: mean over the local samples labelled for it
+    counts: dict[str, int]  # per task: local labelled samples
+    features: Features  # z, attached to the trunk
+    head_features: Features  # what the heads ran on: z itself, or z detached
 
 
 class MultiTaskModel(nn.Module):
@@ -62,8 +71,21 @@ class MultiTaskModel(nn.Module):
             losses[task], counts[task] = head.loss(features, image_size, batch.targets, labelled)
         return losses, counts
 
-    def forward(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, int]]:
-        return self.forward_heads(self.forward_features(batch.images), batch)
+    def forward(self, batch: Batch, *, detach_features: bool = False) -> MultiTaskOutput:
+        """Per-task losses and counts, plus the shared features z.
+
+        ``detach_features``: the heads run on z cut from the trunk (leaves that collect the
+        heads' gradients), so per-task gradients w.r.t. z cost head-only backward passes
+        and the trunk can be given one combined gradient (loss balancing). One call, so
+        that a DDP-wrapped model sees a single forward.
+        """
+        features = self.forward_features(batch.images)
+        head_features = (
+            OrderedDict((k, v.detach().requires_grad_(True)) for k, v in features.items())
+            if detach_features else features
+        )
+        losses, counts = self.forward_heads(head_features, batch)
+        return MultiTaskOutput(losses=losses, counts=counts, features=features, head_features=head_features)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[dict[str, Tensor]]:

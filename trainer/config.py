@@ -11,8 +11,11 @@ from typing import Literal
 from data_pipelines.loader import DataConfig
 from data_pipelines.schema import TASKS
 from models.config import ModelConfig
+from trainer.backends.deepspeed_backend import DeepSpeedConfig
+from trainer.balancing import BalancerConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_loading import ConfigError, apply_overrides, from_dict, read_yaml
+from trainer.evaluation.config import EvalConfig
 from trainer.metrics_logger import WandbConfig
 from trainer.optim import OptimConfig
 
@@ -26,7 +29,8 @@ class RunConfig:
 @dataclass(kw_only=True)
 class TrainerConfig:
     max_steps: int = 300
-    backend: Literal["ddp"] = "ddp"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; statistics stay fp32
     # Static per-task loss weights (dynamic balancing comes with the balancer); missing = 1.0.
@@ -57,6 +61,17 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+
+    def __post_init__(self) -> None:
+        if self.balancer.name != "static" and self.trainer.grad_accum_steps > 1:
+            # A dynamic balancer needs the step's global statistics before its backward pass.
+            raise ValueError("balancer.name other than 'static' needs trainer.grad_accum_steps=1")
+        if (self.balancer.mode == "parameters" and self.trainer.backend == "deepspeed"
+                and self.trainer.deepspeed.zero_stage == 3):
+            raise ValueError("balancer.mode=parameters needs whole parameters: not with ZeRO stage 3 "
+                             "(use balancer.mode=representation)")
+    eval: EvalConfig = field(default_factory=EvalConfig)  # no sources: no evaluation
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -25,6 +25,7 @@ from data_pipelines.loader import build_train_loader
 from data_pipelines.schema import Batch
 from models import build_model
 from trainer.backends import build_backend
+from trainer.balancing import LossBalancing
 from trainer.checkpoint import Checkpointer
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
@@ -62,6 +63,7 @@ class _LogWindow:
         self.grad_norm_sum += out["grad_norm"].detach()
         self.steps += 1
         self.images += images
+        self.last = out  # coefficients and balancer statistics are logged as of the last step
 
 
 class Trainer:
@@ -79,9 +81,14 @@ class Trainer:
         model = build_model(cfg.model, num_classes=self.label_space.num_classes()).to(self.device)
         self.tasks: list[str] = list(cfg.model.tasks)
         self.loss_weights = {t: cfg.trainer.loss_weights.get(t, 1.0) for t in self.tasks}
-        self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device)
+        self._static_coefficients = torch.tensor([self.loss_weights[t] for t in self.tasks], device=self.device)
+        self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=self.loss_weights,
+                                       world_size=dist_info.world_size)
+        self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
+                                     micro_batch_size=cfg.data.batch_size)
         self.step = 0
         self._data_iter: Iterator[Batch] | None = None
+        self._loss_rows: list[tuple[int, dict[str, float]]] = []  # (step, loss/*) per log line
 
         self.checkpointer = Checkpointer(run_dir=self.run_dir, cfg=cfg.checkpoint, is_main=dist_info.is_main)
         wandb_run_id = self._maybe_resume()
@@ -100,6 +107,7 @@ class Trainer:
         rank = f"rank_{self.dist.rank}"
         return {
             "train": {"step": self.step},
+            "balancer": self.balancing.balancer.state_dict(),
             "rng": {rank: get_rng_state()},
             "data": {rank: self.loader.state_dict()},
         }
@@ -119,9 +127,10 @@ class Trainer:
             log.warning("checkpoint %s was written by %s ranks, this job has %d: model, optimizer "
                         "and schedule are resharded; data streams and RNG restart from the seed",
                         path, meta.get("world_size"), self.dist.world_size)
-            extra = {"train": extra["train"]}
+            extra = {"train": extra["train"], "balancer": extra["balancer"]}
         self.backend.load(path, extra)
         self.step = int(extra["train"]["step"])
+        self.balancing.balancer.load_state_dict(extra["balancer"])
         if same_world:
             rank = f"rank_{self.dist.rank}"
             set_rng_state(extra["rng"][rank])
@@ -146,24 +155,42 @@ class Trainer:
             self._data_iter = iter(self.loader)
         return next(self._data_iter)
 
-    def train_step(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    def train_step(self, batches: list[Batch]) -> dict[str, Any]:
         """One optimizer step over ``batches`` (the micro-batches of gradient accumulation)."""
         batches = [b.to(self.device) for b in batches]
+        if self.balancing.is_static:
+            out = self._static_step(batches)
+        else:
+            (batch,) = batches  # dynamic balancing takes one micro-batch per step (config checks it)
+            out = self._balanced_step(batch)
+        out["grad_norm"] = self.backend.optimizer_step()
+        self.step += 1
+        return out
+
+    def _static_step(self, batches: list[Batch]) -> dict[str, Any]:
         global_counts = global_task_counts(batches, self.tasks, world_size=self.dist.world_size)
         loss_sums = torch.zeros(len(self.tasks), device=self.device)
         for i, batch in enumerate(batches):
             with self.backend.micro_batch_context(last=i == len(batches) - 1):
                 with self._autocast():
-                    losses, _ = self.backend.model(batch)
+                    losses = self.backend.model(batch).losses
                 local_counts = local_task_counts(batch, self.tasks)
                 scaled = scale_task_losses(losses, local_counts, global_counts, world_size=self.dist.world_size)
-                total = sum(self.loss_weights[t] * scaled[t] for t in self.tasks)
-                self.backend.backward(total)
+                self.backend.backward(sum(self.loss_weights[t] * scaled[t] for t in self.tasks))
             loss_sums += torch.stack([losses[t].detach().float() for t in self.tasks]) * local_counts
-        grad_norm = self.backend.optimizer_step()
-        self.step += 1
         # Local sums; the window all-reduces them once per log line, not per step.
-        return {"loss_sums": loss_sums, "global_count": global_counts, "grad_norm": grad_norm}
+        return {"loss_sums": loss_sums, "global_count": global_counts, "coefficients": self._static_coefficients}
+
+    def _balanced_step(self, batch: Batch) -> dict[str, Any]:
+        with self.backend.micro_batch_context(last=True):
+            with self._autocast():
+                out = self.backend.model(batch, detach_features=self.balancing.detach_features)
+            local_counts = local_task_counts(batch, self.tasks)
+            balanced = self.balancing.balanced_loss(out, local_counts, trunk=self.backend.module.backbone)
+            self.backend.backward(balanced.total)
+        loss_sums = torch.stack([out.losses[t].detach().float() for t in self.tasks]) * local_counts
+        return {"loss_sums": loss_sums, "global_count": balanced.stats.counts.float(),
+                "coefficients": balanced.coefficients.detach().float(), "balanced": balanced}
 
     # --- the loop ---------------------------------------------------------------------
     def train(self) -> None:
@@ -186,6 +213,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or last:
                 row = self._metrics_row(window)
                 self.metrics.log(self.step, row)
+                self._loss_rows.append((self.step, {k: v for k, v in row.items() if k.startswith("loss/")}))
                 progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")})
                 window = _LogWindow(len(self.tasks), self.device)
             if self.checkpointer.should_save(self.step, last=last):
@@ -198,13 +226,16 @@ class Trainer:
             dist.all_reduce(loss_sum)  # every rank logs at the same steps: same collectives
         counts = window.count.tolist()
         means = (loss_sum / window.count.clamp(min=1)).tolist()
+        coefficients = window.last["coefficients"].tolist()
         row: dict[str, float] = {}
         for i, t in enumerate(self.tasks):
             if counts[i] > 0:  # no labelled sample of this task in the window: no loss to show
                 row[f"loss/{t}"] = means[i]
-            row[f"weight/{t}"] = self.loss_weights[t]
+            row[f"weight/{t}"] = coefficients[i]
             row[f"samples/{t}"] = counts[i]
-        row["loss/total"] = float(sum(self.loss_weights[t] * means[i] for i, t in enumerate(self.tasks)))
+        row["loss/total"] = float(sum(coefficients[i] * means[i] for i, t in enumerate(self.tasks)))
+        if "balanced" in window.last:
+            row.update(self.balancing.metrics(window.last["balanced"]))
         row["lr"] = self.backend.lr()
         row["grad_norm"] = float(window.grad_norm_sum) / max(window.steps, 1)
         elapsed = time.perf_counter() - window.started
@@ -224,12 +255,25 @@ class Trainer:
         dist.all_gather_object(digests, h.hexdigest())
         return digests
 
+    def _loss_trend(self) -> dict[str, dict[str, float]]:
+        """Per loss: first and last value this process logged (what `make demo` shows)."""
+        trend: dict[str, dict[str, float]] = {}
+        for step, losses in self._loss_rows:
+            for name, value in losses.items():
+                entry = trend.setdefault(name, {"first": value, "first_step": step})
+                entry.update(last=value, last_step=step)
+        return trend
+
     def finish(self) -> dict[str, Any]:
         digests = self.replica_digests()
         summary = {"step": self.step, "world_size": self.dist.world_size, "replica_digests": digests,
-                   "replicas_in_sync": len(set(digests)) == 1, "wandb_run_id": self.metrics.run_id}
+                   "replicas_in_sync": len(set(digests)) == 1, "wandb_run_id": self.metrics.run_id,
+                   "losses": self._loss_trend()}
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name, trend in summary["losses"].items():
+                log.info("%-22s first logged %.4f (step %d) -> last %.4f (step %d)", name,
+                         trend["first"], trend["first_step"], trend["last"], trend["last_step"])
         if not summary["replicas_in_sync"]:
             log.error("DDP replicas diverged: %s", digests)
         self.metrics.close()

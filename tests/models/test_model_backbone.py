@@ -16,9 +16,10 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("norm", ["frozen_bn", "group_norm"])
 @pytest.mark.parametrize("name", backbone_names())
-def test_backbone_gives_p3_to_p7(name: str) -> None:
-    backbone = build_backbone(ModelConfig(backbone=name, fpn_channels=64))
+def test_backbone_gives_p3_to_p7(name: str, norm: str) -> None:
+    backbone = build_backbone(ModelConfig(backbone=name, fpn_channels=64, backbone_norm=norm))
     with torch.no_grad():
         out = backbone(torch.rand(1, 3, 128, 96))
     assert list(out) == list(FPN_STRIDES) and backbone.out_channels == 64
@@ -35,6 +36,15 @@ def test_trainable_backbone_layers(layers: int, trainable: set[str]) -> None:
     stages = {n.split(".")[1] for n, p in backbone.named_parameters() if n.startswith("body.") and p.requires_grad}
     assert stages == trainable
     assert all(p.requires_grad for p in backbone.fpn.parameters())
+
+
+def test_group_norm_keeps_samples_independent() -> None:
+    backbone = build_backbone(ModelConfig(backbone_norm="group_norm", fpn_channels=64)).train()
+    a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        alone = backbone(a)["p3"]
+        together = backbone(torch.cat([a, b]))["p3"][:1]
+    assert torch.allclose(alone, together, atol=1e-5)  # no batch statistics
 
 
 def test_loads_local_classification_weights(tmp_path: Path) -> None:

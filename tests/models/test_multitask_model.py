@@ -22,8 +22,18 @@ def model(**overrides) -> MultiTaskModel:
     return build_model(ModelConfig(**{**SMALL, **overrides}), num_classes=NUM_CLASSES)
 
 
+def test_detached_features_stop_head_gradients_at_z() -> None:
+    m = model()
+    out = m(make_batch([make_target(0), make_target(1)]), detach_features=True)
+    sum(out.losses.values()).backward()
+    trunk = [p for p in m.backbone.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in trunk)  # the heads' backward stops at the detached z
+    assert all(z.grad is not None for z in out.head_features.values())
+    assert all(z.requires_grad and z.grad_fn is not None for z in out.features.values())
+
+
 def backward(m: MultiTaskModel, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    losses, counts = m(batch)
+    losses, counts, *_ = m(batch)
     sum(losses.values()).backward()
     return losses, counts
 
@@ -78,8 +88,8 @@ def test_unlabelled_sample_does_not_change_any_task_loss() -> None:
     pair.task_mask[1] = False
     alone = Batch(images=pair.images[:1], targets=[a], task_mask=pair.task_mask[:1])
     with torch.no_grad():
-        pair_losses, pair_counts = m(pair)
-        alone_losses, _ = m(alone)
+        pair_losses, pair_counts, *_ = m(pair)
+        alone_losses = m(alone).losses
     assert pair_counts == {t: 1 for t in TASKS}
     for task in TASKS:
         torch.testing.assert_close(pair_losses[task], alone_losses[task], rtol=1e-4, atol=1e-5, msg=task)
@@ -113,10 +123,10 @@ def test_overfits_one_batch() -> None:
     optimizer = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     first = None
     for _ in range(25):
-        losses, _ = m(batch)
+        losses = m(batch).losses
         first = first or {t: v.item() for t, v in losses.items()}
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    last = {t: v.item() for t, v in m(batch)[0].items()}
+    last = {t: v.item() for t, v in m(batch).losses.items()}
     assert all(last[t] < 0.6 * first[t] for t in TASKS), (first, last)

@@ -43,18 +43,22 @@ def _losses_by_step(run_dir):
     return rows
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(demo_sources, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    proc = _launch(demo_sources, run_dir)
+BACKENDS = {
+    "ddp": ["trainer.backend=ddp"],
+    "zero2": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2"],
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_killed_and_resumed_run_matches_uninterrupted(backend, demo_sources, tmp_path):
+    options = BACKENDS[backend]
+    uninterrupted = tmp_path / "full"
+    proc = _launch(demo_sources, uninterrupted, *options)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-6000:]
-    return run_dir
 
-
-def test_killed_and_resumed_run_matches_uninterrupted(demo_sources, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _launch(demo_sources, run_dir)
+    proc = _launch(demo_sources, run_dir, *options)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
@@ -65,7 +69,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(demo_sources, uninterrupte
     killed_at = int(checkpoint.name.split("_")[1])
     assert killed_at < STEPS, "the run finished before it could be killed"
 
-    resumed = _launch(demo_sources, run_dir)
+    resumed = _launch(demo_sources, run_dir, *options)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-6000:]
     assert f"resumed from {checkpoint} at step {killed_at}" in out

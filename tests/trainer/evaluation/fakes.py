@@ -1,0 +1,104 @@
+"""A test double for the network: predicts the ground truth (optionally perturbed) in the
+resized frame the real model sees, so every other step of evaluation runs for real."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_pipelines.collate import collate
+from data_pipelines.label_space import LabelSpace
+from data_pipelines.manifest import Manifest
+from data_pipelines.schema import IGNORE_INDEX, TASKS
+from data_pipelines.transforms import TransformConfig, build_eval_transforms
+from trainer.evaluation.eval_sources import map_eval_sources
+from trainer.evaluation.eval_stream import EvalStream
+
+
+def image_digest(image: Tensor) -> str:
+    return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+class GroundTruthModel(nn.Module):
+    """``predict(images)`` returns each image's transformed ground truth as model outputs.
+
+    Images are recognised by their pixels; the table is built by reading the sources
+    through the real eval stream. With ``noise`` > 0 the outputs are perturbed
+    (box jitter, random scores, dropped and spurious detections), deterministically.
+    """
+
+    def __init__(
+        self, manifests: list[Manifest], *, label_space: LabelSpace, transforms: TransformConfig, noise: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({t: nn.Identity() for t in TASKS})  # the tasks evaluation reads
+        self.num_classes = label_space.num_classes()
+        self.noise = noise
+        stream = EvalStream(
+            manifests, label_space=map_eval_sources(label_space, manifests),
+            transform=build_eval_transforms(transforms), rank=0, world_size=1, max_images=None,
+        )
+        self.table = {}
+        for sample, _ in stream:
+            self.table[image_digest(collate([sample]).images[0])] = sample
+        self.served: list[str] = []  # sample keys, in the order they were predicted
+
+    def predict(self, images: Tensor) -> list[dict[str, Tensor]]:
+        samples = [self.table[image_digest(image)] for image in images]
+        self.served += [s["key"] for s in samples]
+        return [self._outputs(s) for s in samples]
+
+    def _outputs(self, sample: dict) -> dict[str, Tensor]:
+        height, width = sample["image"].shape[-2:]
+        keep = ~sample["iscrowd"]
+        boxes = sample["boxes"].as_subclass(Tensor)[keep]
+        labels = sample["labels"][keep].clamp(min=0)  # keypoint-only sources have no class: -1
+        out = {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": labels}
+        if "masks" in sample:
+            out["masks"] = sample["masks"].as_subclass(Tensor)[keep][:, None].float()
+        if "keypoints" in sample:
+            points = sample["keypoints"].as_subclass(Tensor)[keep]
+            visibility = sample["keypoint_visibility"][keep]
+            out["keypoints"] = torch.cat([points, visibility[..., None].float()], dim=-1)
+        if "semantic" in sample:
+            semantic = sample["semantic"].as_subclass(Tensor)
+            semantic = torch.where(semantic == IGNORE_INDEX, 0, semantic)
+            out["semantic_logits"] = F.one_hot(semantic, self.num_classes["semantic"]).permute(2, 0, 1).float()
+        if "class_label" in sample:
+            out["class_logits"] = F.one_hot(sample["class_label"], self.num_classes["classification"]).float()
+        if self.noise:
+            out = self._perturb(out, seed=int(sample["image"].sum()), height=height, width=width)
+        return out
+
+    def _perturb(self, out: dict[str, Tensor], *, seed: int, height: int, width: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        n = len(out["boxes"])
+        kept = torch.rand(n, generator=g) > 0.2  # miss some objects
+        jitter = torch.randn(n, 4, generator=g) * self.noise * 10
+        out["boxes"] = (out["boxes"] + jitter).clamp(min=0)
+        out["scores"] = torch.rand(n, generator=g)
+        if "keypoints" in out:
+            out["keypoints"][..., :2] += torch.randn(out["keypoints"][..., :2].shape, generator=g) * self.noise * 6
+        if "masks" in out:
+            out["masks"] = out["masks"] * (0.4 + torch.rand(out["masks"].shape, generator=g))
+        for key in ("boxes", "scores", "labels", "masks", "keypoints"):
+            if key in out:
+                out[key] = out[key][kept]
+        # Spurious detections, some of a class another source owns.
+        m = 3
+        x0y0 = torch.rand(m, 2, generator=g) * torch.tensor([width / 2, height / 2])
+        spurious = {
+            "boxes": torch.cat([x0y0, x0y0 + 20], dim=1),
+            "scores": torch.rand(m, generator=g) * 0.5,
+            "labels": torch.randint(0, max(self.num_classes["detection"], 1), (m,), generator=g),
+        }
+        if "masks" in out:
+            spurious["masks"] = torch.rand(m, 1, height, width, generator=g)
+        if "keypoints" in out:
+            k = out["keypoints"].shape[1]
+            spurious["keypoints"] = torch.cat([torch.rand(m, k, 2, generator=g) * 40, torch.ones(m, k, 1)], dim=-1)
+        for key, value in spurious.items():
+            out[key] = torch.cat([out[key], value])
+        return out

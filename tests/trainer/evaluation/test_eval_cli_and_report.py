@@ -1,0 +1,89 @@
+"""A real 2-step training run on the tiny sources, `polytask eval` on its checkpoint, then
+`polytask report` on the run directory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, ImageStat
+
+from launcher.cli import main as polytask
+from tests.conftest import REPO
+from tests.trainer.evaluation.tiny_sources import SOURCES
+from trainer.evaluation.report import DPI, FIGSIZE
+
+STEPS = 2
+PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+
+
+def _polytask(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launcher", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    sources = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in SOURCES) + "]"
+    overrides = [
+        f"run.dir={run_dir}", f"data.sources={sources}", f"eval.sources={sources}", "eval.num_workers=0",
+        "data.num_workers=0", "data.transforms.image_size=64", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
+        "wandb.mode=disabled", "checkpoint.resume=never",
+    ]
+    proc = _polytask("train", "configs/demo_cpu.yaml", *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    checkpoint = str(run_dir / "checkpoints" / "latest")
+    proc = _polytask("eval", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir, json.loads(proc.stdout)
+
+
+def test_eval_writes_summary_and_results_for_the_checkpoint_step(run):
+    run_dir, printed = run
+    out = run_dir / "eval" / f"step_{STEPS}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed == {"step": STEPS, **summary["metrics"]}
+    for key in ("val/tiny_instances/segm/AP", "val/tiny_people/keypoints/AP", "val/tiny_classes/classification/top1"):
+        assert 0.0 <= summary["metrics"][key] <= 1.0
+    assert (out / "tiny_instances_bbox_results.json").is_file()
+
+
+def test_eval_rejects_a_deepspeed_checkpoint_clearly(run, tmp_path, capsys):
+    run_dir, _ = run
+    fake = tmp_path / "step_5"
+    fake.mkdir()
+    (fake / "meta.json").write_text(json.dumps({"step": 5, "backend": "deepspeed"}))
+    assert polytask(["eval", str(run_dir / "config.yaml"), "--checkpoint", str(fake)]) == 2
+    assert "'deepspeed' backend" in capsys.readouterr().err
+
+
+def test_report_renders_pngs_of_the_expected_size(run, capsys):
+    run_dir, _ = run
+    assert polytask(["report", str(run_dir)]) == 0
+    written = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[1] for p in written}
+    assert {"losses.png", "metrics.png", "weights.png"} <= names
+    assert all(n.startswith("cosine_") for n in names - {"losses.png", "metrics.png", "weights.png"})
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == PNG_SIZE
+            # Not blank: a plot has many grey levels, a blank canvas one.
+            assert len(image.convert("L").getcolors(maxcolors=256 * 256)) > 10
+            assert ImageStat.Stat(image.convert("L")).stddev[0] > 5
+
+
+def test_report_draws_cosine_heatmaps_when_logged(tmp_path):
+    rows = [
+        {"step": step, "loss/detection": 1.0 / step, "weight/detection": 1.0,
+         "balancer/cos/detection/semantic": 0.1 * step, "balancer/cos/detection/classification": -0.2,
+         "balancer/cos/semantic/classification": 0.5}
+        for step in (10, 20, 30, 40)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert polytask(["report", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["cosine_10.png", "cosine_30.png", "cosine_40.png", "losses.png", "weights.png"]
+    with Image.open(tmp_path / "figs" / "cosine_30.png") as image:
+        assert image.size == PNG_SIZE

@@ -1,0 +1,127 @@
+"""DeepSpeed ZeRO (stage 0-3) behind the same loop, started by our launcher through torchrun.
+
+We generate the DeepSpeed config from our YAML (micro-batch, accumulation, clipping,
+ZeRO stage, bf16); ``trainer.deepspeed.extra`` is merged over it for anything else.
+The loop's own state (step, RNG, data positions) goes next to DeepSpeed's files via DCP.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.backends.base import TrainBackend
+from trainer.checkpoint import read_dcp, write_dcp
+from trainer.optim import OptimConfig, build_optimizer, build_scheduler
+
+_TAG = "state"  # one checkpoint per directory: our step_<N> is the tag already
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    # Extra DeepSpeed config keys, merged (recursively) over the generated config.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accum_steps: int,
+                     grad_clip: float, bf16: bool) -> dict[str, Any]:
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,  # our logger reports; keep DeepSpeed quiet
+    }
+    return _merge(generated, cfg.extra)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedBackend(TrainBackend):
+    def __init__(self, model: nn.Module, *, cfg: DeepSpeedConfig, optim: OptimConfig, max_steps: int,
+                 micro_batch_size: int, grad_accum_steps: int, bf16: bool) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+        import deepspeed.ops
+
+        # The shared-memory CPU collective would be compiled (~40 s) on first use; gloo is
+        # what we run on CPU anyway (measured, env notes).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # A torch optimizer, not DeepSpeed's fused/CPU Adam: no C++ build on first run.
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_scheduler(optimizer, optim, max_steps=max_steps)
+        config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                                  grad_clip=optim.grad_clip, bf16=bf16)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
+        )
+        self.model.checkpoint_engine = _weights_only_checkpoint_engine(self.model)
+        self._last_micro_batch = True
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
+        self._last_micro_batch = last  # DeepSpeed decides on syncing from its own counter
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Our per-task normalisation already spans the step's micro-batches.
+        self.model.backward(loss, scale_wrt_gas=False)
+        if not self._last_micro_batch:
+            self.model.step()  # advances DeepSpeed's micro-step counter; no optimizer step
+
+    def optimizer_step(self) -> torch.Tensor:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        self.model.save_checkpoint(str(directory / "deepspeed"), tag=_TAG, save_latest=False)
+        write_dcp(extra, directory / "extra")
+
+    def load(self, directory: Path, extra: dict[str, Any]) -> None:
+        path, _ = self.model.load_checkpoint(str(directory / "deepspeed"), tag=_TAG,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (written by another backend?)")
+        read_dcp(extra, directory / "extra")
+
+
+def _weights_only_checkpoint_engine(engine: Any) -> Any:
+    """DeepSpeed's TorchCheckpointEngine loads with ``weights_only=False``; ours does not
+    run code from a checkpoint file. The few plain-data DeepSpeed classes its files hold
+    (found by loading ZeRO 0-3 checkpoints) are allow-listed by name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)

@@ -1,0 +1,39 @@
+"""Balancers by name."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from trainer.balancers.base import Balancer
+
+_BALANCERS: dict[str, type[Balancer]] = {}
+
+
+def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
+    """Register a :class:`Balancer` subclass as ``name``; a name can be taken once."""
+
+    def decorator(cls: type[Balancer]) -> type[Balancer]:
+        if name in _BALANCERS:
+            raise ValueError(f"a balancer named {name!r} is already registered ({_BALANCERS[name].__name__})")
+        cls.name = name
+        _BALANCERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def balancer_names() -> list[str]:
+    return list(_BALANCERS)
+
+
+def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Balancer:
+    """``name``'s balancer for ``task_names``; ``options`` override its (paper) defaults."""
+    if name not in _BALANCERS:
+        raise ValueError(f"no balancer registered as {name!r}; registered: {balancer_names()}")
+    cls = _BALANCERS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "task_names")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"balancer {name!r}: unknown option(s) {unknown}; accepted: {accepted}")
+    return cls(task_names, **options)

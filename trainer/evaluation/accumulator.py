@@ -1,0 +1,60 @@
+"""Per-source evaluation state on one rank, and its merge over ranks on rank 0."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from trainer.evaluation.dense_metrics import TOP_K, semantic_confusion, topk_hits
+from trainer.evaluation.eval_stream import ImageRecord
+from trainer.evaluation.predictions import coco_results
+from trainer.evaluation.source_spec import SourceSpec
+
+
+@dataclass
+class SourceAccumulator:
+    """What one source's images produced: COCO results, confusion matrix, top-k hits.
+
+    Small and picklable for the gather: masks are already RLE strings and dense outputs
+    are reduced to counts.
+    """
+
+    image_ids: list[int] = field(default_factory=list)
+    coco: dict[str, list[dict]] = field(default_factory=dict)  # iou type -> results
+    confusion: Tensor | None = None  # semantic, [C, C] over the label space
+    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(TOP_K, 0))
+    classified: int = 0
+
+    def add(
+        self, output: dict[str, Tensor], record: ImageRecord, *, spec: SourceSpec, input_size: tuple[int, int]
+    ) -> None:
+        """Score one image; ``output`` is the model's, moved to the CPU."""
+        self.image_ids.append(record.image_id)
+        for iou_type, results in coco_results(output, record, spec, input_size=input_size).items():
+            self.coco.setdefault(iou_type, []).extend(results)
+        if spec.semantic_classes is not None:
+            assert record.semantic is not None  # decoded for every semantic source
+            counts = semantic_confusion(
+                output["semantic_logits"], record.semantic,
+                classes=spec.semantic_classes, num_classes=spec.num_semantic_classes,
+            )
+            self.confusion = counts if self.confusion is None else self.confusion + counts
+        if spec.image_classes is not None:
+            assert record.class_label is not None  # decoded for every classification source
+            for k, hit in topk_hits(output["class_logits"], record.class_label, classes=spec.image_classes).items():
+                self.hits[k] += hit
+            self.classified += 1
+
+    @staticmethod
+    def merge(parts: list["SourceAccumulator"]) -> "SourceAccumulator":
+        merged = SourceAccumulator()
+        for part in parts:
+            merged.image_ids += part.image_ids
+            for iou_type, results in part.coco.items():
+                merged.coco.setdefault(iou_type, []).extend(results)
+            if part.confusion is not None:
+                merged.confusion = part.confusion if merged.confusion is None else merged.confusion + part.confusion
+            for k in TOP_K:
+                merged.hits[k] += part.hits[k]
+            merged.classified += part.classified
+        return merged

@@ -1,0 +1,128 @@
+"""Exactly-once reading of validation sources, split over ranks and data-loader workers.
+
+Samples are enumerated in one fixed order (sources as configured, shards and samples in
+manifest order); sample ``i`` goes to slot ``i % (world_size * num_workers)``. Every sample
+has exactly one slot, so nothing is read twice or dropped whatever the counts; shares may
+differ by one sample, which evaluation (no per-step collectives) does not mind.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipelines.collate import collate
+from data_pipelines.decode import decode_sample
+from data_pipelines.label_space import LabelSpace
+from data_pipelines.manifest import Manifest
+from data_pipelines.schema import Batch
+from data_pipelines.transforms import TransformConfig, build_eval_transforms
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What maps a sample's predictions back to its source: ids and the original frame."""
+
+    source: str
+    image_id: int  # the image id in the source's own annotation file
+    height: int  # original size; predictions are made on the resized image
+    width: int
+    semantic: torch.Tensor | None = None  # int64 [height, width] label-space indices, IGNORE_INDEX = unlabelled
+    class_label: int | None = None  # label-space index
+
+
+class EvalStream(IterableDataset):
+    """Yields ``(transformed sample, ImageRecord)`` for this rank's and worker's share."""
+
+    def __init__(
+        self,
+        manifests: list[Manifest],
+        *,
+        label_space: LabelSpace,
+        transform: Callable[[dict], dict],
+        rank: int,
+        world_size: int,
+        max_images: int | None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.manifests = manifests
+        self.label_space = label_space
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.max_images = max_images
+
+    def __iter__(self) -> Iterator[tuple[dict, ImageRecord]]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        index = 0
+        for manifest in self.manifests:
+            for raw in source_samples(manifest, max_images=self.max_images):
+                # Counted before the slot test, so every slot sees the same numbering;
+                # other slots' samples are skipped undecoded.
+                if index % slots == slot:
+                    yield self._prepare(raw, manifest)
+                index += 1
+
+    def _prepare(self, raw: dict, manifest: Manifest) -> tuple[dict, ImageRecord]:
+        sample = decode_sample(raw, manifest=manifest, label_space=self.label_space)
+        image = json.loads(raw["json"])["image"]  # decode_sample checked it is there
+        record = ImageRecord(
+            source=manifest.name,
+            image_id=int(image["id"]),
+            height=int(image["height"]),
+            width=int(image["width"]),
+            # Dense targets are scored at the original size, before the resize.
+            semantic=sample["semantic"].as_subclass(torch.Tensor) if "semantic" in sample else None,
+            class_label=int(sample["class_label"]) if "class_label" in sample else None,
+        )
+        return self.transform(sample), record
+
+
+def source_samples(manifest: Manifest, *, max_images: int | None) -> Iterator[dict]:
+    """Raw samples of one source in manifest order, at most ``max_images``."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(manifest.shard_urls()), wds.tarfile_to_samples())
+    for n, raw in enumerate(pipeline):
+        if max_images is not None and n >= max_images:
+            return
+        yield raw
+
+
+def expected_images(manifests: list[Manifest], *, max_images: int | None) -> dict[str, int]:
+    """Images each source contributes to one evaluation, over all ranks."""
+    return {m.name: m.num_samples if max_images is None else min(m.num_samples, max_images) for m in manifests}
+
+
+def collate_eval(items: list[tuple[dict, ImageRecord]]) -> tuple[Batch, list[ImageRecord]]:
+    samples, records = zip(*items)
+    return collate(list(samples)), list(records)
+
+
+def build_eval_loader(
+    manifests: list[Manifest],
+    *,
+    label_space: LabelSpace,
+    transforms: TransformConfig,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    max_images: int | None,
+) -> DataLoader:
+    """One pass over this rank's share, as ``(Batch, [ImageRecord])`` batches."""
+    stream = EvalStream(
+        manifests,
+        label_space=label_space,
+        transform=build_eval_transforms(transforms),
+        rank=rank,
+        world_size=world_size,
+        max_images=max_images,
+    )
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval)

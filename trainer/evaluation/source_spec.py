@@ -1,0 +1,65 @@
+"""What each validation source is scored on, and the id mappings its scoring needs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from data_pipelines.label_space import LabelSpace
+from data_pipelines.manifest import Manifest
+
+# COCOeval iouType of each instance-level task.
+IOU_TYPES: dict[str, str] = {"detection": "bbox", "instance_mask": "segm", "keypoints": "keypoints"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    name: str
+    iou_types: tuple[str, ...]  # COCOeval iou types, in IOU_TYPES order
+    annotation_file: str | None  # the original COCO json (iou types only)
+    # label-space index -> the source's category id; None: the source has no thing classes
+    # of its own (keypoint-only), so its detections only carry keypoints.
+    index_to_category: dict[int, int] | None
+    keypoint_category_ids: tuple[int, ...]  # categories whose annotations carry keypoints
+    kpt_oks_sigmas: list[float] | None  # the source's own OKS sigmas
+    semantic_classes: list[int] | None  # the source's label-space indices; None: not scored
+    image_classes: list[int] | None
+    num_semantic_classes: int  # label-space size, the confusion matrix side
+
+
+def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
+    """The spec of a validation source whose tasks are already restricted to the model's."""
+    tasks = set(manifest.tasks)
+    iou_types = tuple(iou for task, iou in IOU_TYPES.items() if task in tasks)
+    if iou_types and not manifest.annotation_file:
+        raise ValueError(
+            f"validation source {manifest.name!r} labels {sorted(tasks & set(IOU_TYPES))} but its manifest names no "
+            f"annotation_file; COCO metrics score against the original json "
+            f"(convert it with `polytask data convert coco`)"
+        )
+    mapping = label_space.category_to_index.get(manifest.name)
+    keypoint_ids: tuple[int, ...] = ()
+    if "keypoints" in iou_types:
+        keypoint_ids = _keypoint_category_ids(manifest.annotation_file)
+        if mapping is None and len(keypoint_ids) != 1:
+            raise ValueError(
+                f"validation source {manifest.name!r} labels keypoints but not detection, so its detections can "
+                f"only be given one category; its annotation file has keypoint categories {list(keypoint_ids)}"
+            )
+    return SourceSpec(
+        name=manifest.name,
+        iou_types=iou_types,
+        annotation_file=manifest.annotation_file,
+        index_to_category=None if mapping is None else {index: cid for cid, index in mapping.items()},
+        keypoint_category_ids=keypoint_ids,
+        kpt_oks_sigmas=list(manifest.keypoints.sigmas) if "keypoints" in iou_types and manifest.keypoints else None,
+        semantic_classes=label_space.semantic_remap[manifest.name] if "semantic" in tasks else None,
+        image_classes=label_space.class_remap[manifest.name] if "classification" in tasks else None,
+        num_semantic_classes=len(label_space.semantic_classes),
+    )
+
+
+def _keypoint_category_ids(annotation_file: str) -> tuple[int, ...]:
+    # Only the validation json is read here, once per evaluation; it is small next to a training one.
+    with open(annotation_file) as f:
+        categories = json.load(f)["categories"]
+    return tuple(c["id"] for c in categories if c.get("keypoints"))
