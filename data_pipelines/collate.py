@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torchvision.transforms.v2 import functional as F
 
 from data_pipelines.schema import Batch
+from data_pipelines.shared_memory import empty_for_transport
 
 TARGET_KEYS: tuple[str, ...] = (
     "boxes",
@@ -28,10 +28,15 @@ def collate(samples: list[dict]) -> Batch:
         )
     images = torch.stack([s["image"].as_subclass(torch.Tensor) for s in samples])
     return Batch(
-        images=F.to_dtype(images, torch.float32, scale=True),
+        images=_to_float(images),
         # Plain tensors: tv_tensor metadata (canvas_size, format) means nothing to the model.
         targets=[{k: s[k].as_subclass(torch.Tensor) for k in TARGET_KEYS if k in s} for s in samples],
         task_mask=torch.stack([s["task_mask"] for s in samples]),
         keys=[s["key"] for s in samples],
         sources=[s["source"] for s in samples],
     )
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1], with the arithmetic of F.to_dtype(..., scale=True)."""
+    return empty_for_transport(images.shape, torch.float32).copy_(images).mul_(1.0 / 255)

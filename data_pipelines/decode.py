@@ -1,8 +1,10 @@
 """One tar sample (members by extension, see ``manifest.py``) -> the per-sample schema dict."""
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -37,14 +39,13 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace) 
     anns = meta["annotations"]
     for i, ann in enumerate(anns):
         _require(ann, ("bbox", "category_id"), f"annotation {i}")
-        if len(ann["bbox"]) != 4:
-            raise ValueError(f"annotation {i}: bbox {ann['bbox']} is not [x, y, w, h]")
+        _check_bbox(ann["bbox"], i)
 
     sample = {
         "key": f"{source}/{raw['__key__']}",
         "source": source,
         "image": image,
-        "task_mask": task_mask_for(manifest.tasks),
+        "task_mask": _task_mask(tuple(manifest.tasks)),
         "boxes": F.convert_bounding_box_format(
             tv_tensors.BoundingBoxes(
                 torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
@@ -70,10 +71,30 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace) 
     return sample
 
 
+@functools.lru_cache(maxsize=None)
+def _task_mask(tasks: tuple[str, ...]) -> torch.Tensor:
+    # Built once per source, not per sample (it costs as much as a small resize); shared
+    # read-only: collate stacks copies.
+    return task_mask_for(tasks)
+
+
 def _require(d: dict, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
         raise ValueError(f"{what} is missing key(s) {missing}")
+
+
+def _check_bbox(bbox: object, i: int) -> None:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise ValueError(f"annotation {i}: bbox {bbox} is not [x, y, w, h]")
+    if not all(math.isfinite(v) for v in bbox):
+        raise ValueError(f"annotation {i}: bbox {bbox} has a non-finite coordinate")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(f"annotation {i}: bbox {bbox} has a negative size")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _decode_image(raw: dict[str, bytes]) -> tv_tensors.Image:
@@ -140,6 +161,8 @@ def _to_rle(segm: list | dict, height: int, width: int, i: int) -> dict:
         if not segm:
             # An empty polygon list labels no pixels.
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        if not all(isinstance(poly, list) and all(_is_number(v) and math.isfinite(v) for v in poly) for poly in segm):
+            raise ValueError(f"annotation {i}: segmentation polygons hold non-numeric or non-finite coordinates")
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
         raise ValueError(f"annotation {i}: segmentation is neither polygons nor RLE: {str(segm)[:80]}")
@@ -162,6 +185,9 @@ def _keypoints(
             raise ValueError(f"annotation {i}: {len(values)} keypoint values, expected 3 x {num_keypoints} (x, y, v)")
         rows.append(values)
     flat = torch.tensor(rows, dtype=torch.float32).reshape(len(anns), num_keypoints, 3)
+    if not torch.isfinite(flat).all():
+        bad = sorted({i for i, row in enumerate(rows) if not all(math.isfinite(v) for v in row)})
+        raise ValueError(f"annotation(s) {bad}: non-finite keypoint values")
     points = tv_tensors.KeyPoints(flat[..., :2].contiguous(), canvas_size=(height, width))
     return points, flat[..., 2].to(torch.int64)
 

@@ -1,16 +1,30 @@
-"""Data config and the per-rank training loader the trainer pulls one batch per step from."""
+"""Data config and the per-rank training loader the trainer pulls one batch per step from.
+
+Trainer API: ``build_train_loader(cfg, rank=, world_size=) -> (loader, label_space,
+manifests)``; ``loader.state_dict()`` / ``loader.load_state_dict(sd)`` (plain ints and
+strings; load before iterating) and ``loader.data_metrics()`` (``data/...`` floats).
+"""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipelines.collate import collate
+from data_pipelines.batch_transport import unpack
+from data_pipelines.data_metrics import data_metrics
+from data_pipelines.epoch_plan import SourcePlan
 from data_pipelines.label_space import LabelSpace, build_label_space
 from data_pipelines.manifest import Manifest, load_manifest
-from data_pipelines.stream import MixedSourceStream, derive_seed
-from data_pipelines.task_sampler import STRATEGIES, strategy_weights
+from data_pipelines.prepare import SamplePreparer
+from data_pipelines.schema import Batch
+from data_pipelines.seeding import derive_seed
+from data_pipelines.stream import BAD_SAMPLE_POLICIES, MixedSourceStream
+from data_pipelines.stream_state import merge_worker_states
+from data_pipelines.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
 from data_pipelines.transforms import TransformConfig, build_train_transforms
 
 
@@ -18,17 +32,29 @@ from data_pipelines.transforms import TransformConfig, build_train_transforms
 class SourceConfig:
     path: str  # a converted source directory holding manifest.json
     weight: float | None = None  # only with sampling="fixed"
+    # Where to read the shards from instead of the manifest's paths, e.g.
+    # "pipe:aws s3 cp s3://bucket/coco/coco-{000000..000999}.tar -": a webdataset URL,
+    # brace-expanded to exactly the manifest's shards, in manifest order.
+    shards: str | None = None
+    transforms: TransformConfig | None = None  # this source's own; default: DataConfig.transforms
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     sources: list[SourceConfig]
     sampling: str = "proportional"  # one of task_sampler.STRATEGIES
+    composition: str = "mixed"  # one of task_sampler.COMPOSITIONS: mixed per sample, or homogeneous batches
     temperature: float = 2.0  # sampling="temperature": p ∝ n^(1/temperature)
     batch_size: int = 2  # per rank
-    num_workers: int = 1
+    num_workers: int = 1  # must divide readers_per_rank (or be 0)
+    # Shard readers per rank (see epoch_plan). With seed and world size it fixes the
+    # sample sequence; num_workers does not, so it may change between runs.
+    readers_per_rank: int = 4
     seed: int = 0
-    shuffle_buffer: int = 64  # raw samples per source per worker
+    shuffle_buffer: int = 64  # samples per shuffled block, per reader and source
+    bad_sample_policy: str = "skip"  # raise | skip (drop, count, log)
+    max_bad_fraction: float = 0.01  # skip: fail when more of a source is bad
+    audit: bool = False  # write <run.dir>/audit/rank_<r>.jsonl: sample keys per step
     transforms: TransformConfig = field(default_factory=TransformConfig)
 
     def __post_init__(self) -> None:
@@ -36,6 +62,8 @@ class DataConfig:
             raise ValueError("DataConfig.sources must list at least one source")
         if self.sampling not in STRATEGIES:
             raise ValueError(f"DataConfig.sampling must be one of {list(STRATEGIES)}, got {self.sampling!r}")
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"DataConfig.composition must be one of {list(COMPOSITIONS)}, got {self.composition!r}")
         for i, source in enumerate(self.sources):
             if self.sampling == "fixed" and (source.weight is None or not source.weight > 0):
                 raise ValueError(
@@ -45,14 +73,34 @@ class DataConfig:
                 raise ValueError(
                     f"DataConfig.sources[{i}].weight is only used with sampling='fixed' (sampling is {self.sampling!r})"
                 )
+            if source.transforms is not None and source.transforms.image_size != self.transforms.image_size:
+                # Batches mix sources and stack their images.
+                raise ValueError(
+                    f"DataConfig.sources[{i}].transforms.image_size must equal transforms.image_size "
+                    f"({self.transforms.image_size}), got {source.transforms.image_size}"
+                )
         if not self.temperature > 0:
             raise ValueError(f"DataConfig.temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1:
             raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.readers_per_rank < 1:
+            raise ValueError(f"DataConfig.readers_per_rank must be >= 1, got {self.readers_per_rank}")
+        if self.num_workers and self.readers_per_rank % self.num_workers:
+            raise ValueError(
+                f"DataConfig.num_workers ({self.num_workers}) must divide readers_per_rank "
+                f"({self.readers_per_rank}): each reader's batches go to one worker"
+            )
         if self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.bad_sample_policy not in BAD_SAMPLE_POLICIES:
+            raise ValueError(
+                f"DataConfig.bad_sample_policy must be one of {list(BAD_SAMPLE_POLICIES)}, got {self.bad_sample_policy!r}"
+            )
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            # Below 1, so that a source with nothing but bad samples fails instead of spinning.
+            raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
 
 
 def load_manifests(cfg: DataConfig) -> list[Manifest]:
@@ -71,13 +119,81 @@ def load_manifests(cfg: DataConfig) -> list[Manifest]:
     return manifests
 
 
-def build_train_loader(
-    cfg: DataConfig, *, rank: int, world_size: int
-) -> tuple[StatefulDataLoader, LabelSpace, list[Manifest]]:
-    """An infinite loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank.
+def shard_urls(manifest: Manifest, source: SourceConfig, *, where: str) -> tuple[str, ...]:
+    """The manifest's shard locations, or ``source.shards`` brace-expanded (webdataset's
+    expansion, so ``::``-separated lists work too) over the same shards."""
+    if source.shards is None:
+        return tuple(manifest.shard_urls())
+    urls = wds.shardlists.expand_urls(source.shards)
+    if len(urls) != len(manifest.shards):
+        raise ValueError(
+            f"{where}.shards: {source.shards!r} expands to {len(urls)} URLs, "
+            f"the manifest at {source.path} lists {len(manifest.shards)} shards"
+        )
+    return tuple(urls)
 
-    Batching happens in the DataLoader (``batch_size`` + ``collate``), so each batch comes
-    whole from one worker and mixes sources sample by sample.
+
+class TrainLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` over a :class:`MixedSourceStream` whose ``state_dict`` is
+    the rank's stream position, independent of ``num_workers``.
+
+    torchdata snapshots each worker's stream state with every batch it hands over
+    (``snapshot_every_n_steps=1``), so the state matches the batches the trainer has
+    received, not those prefetched; the workers' states are merged into one (each
+    reader is built by one worker). ``load_state_dict`` sets the stream's start
+    position before workers exist, so any worker count resumes it.
+    """
+
+    def __init__(self, dataset: MixedSourceStream, *, num_workers: int, generator: torch.Generator,
+                 targets: dict[str, float], source_tasks: dict[str, list[str]]) -> None:
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls a torch API that torch 2.14 deprecates, on every loader.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            super().__init__(
+                dataset,
+                batch_size=None,  # the stream yields whole batches
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                snapshot_every_n_steps=1,
+                generator=generator,
+            )
+        self.targets = targets
+        self.source_tasks = source_tasks
+        self._iterating = False
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._iterating and self.num_workers > 0:
+            # Persistent workers would resume past the batches they had prefetched and
+            # drop them: restart them at the last batch handed out instead.
+            self.load_state_dict(self.state_dict())
+        self._iterating = True
+        return map(unpack, super().__iter__())
+
+    def state_dict(self) -> dict:
+        if self.num_workers == 0 or not self._iterating:
+            # Same process, or no workers yet: the dataset holds the position itself.
+            return self.dataset.state_dict()
+        state = super().state_dict()
+        # torchdata 0.11 layout; with snapshot_every_n_steps=1 the snapshot is current.
+        assert state["_steps_since_snapshot"] == 0, state["_steps_since_snapshot"]
+        workers = state["_snapshot"]["_worker_snapshots"].values()
+        return merge_worker_states([w["dataset_state"] for w in workers])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        super().load_state_dict({})  # drops a running iterator; the next one starts at the state
+        self._iterating = False
+
+    def data_metrics(self) -> dict[str, float]:
+        """``data/...`` metrics of this rank (see ``data_metrics``); cheap, no I/O."""
+        return data_metrics(self.state_dict(), targets=self.targets, source_tasks=self.source_tasks)
+
+
+def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
+    """An endless loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank.
+
+    The stream builds whole batches (see ``stream.py``); the loader's ``state_dict()`` /
+    ``load_state_dict()`` checkpoint its position and ``data_metrics()`` reports the mix.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -89,24 +205,50 @@ def build_train_loader(
         fixed={m.name: s.weight for m, s in zip(manifests, cfg.sources)} if cfg.sampling == "fixed" else None,
         temperature=cfg.temperature,
     )
+    plans = [
+        SourcePlan(
+            name=m.name,
+            urls=shard_urls(m, s, where=f"DataConfig.sources[{i}]"),
+            shard_sizes=tuple(shard.num_samples for shard in m.shards),
+            seed=cfg.seed,
+            block_size=cfg.shuffle_buffer,
+        )
+        for i, (m, s) in enumerate(zip(manifests, cfg.sources))
+    ]
+    slots = world_size * cfg.readers_per_rank
+    small = {p.name: p.num_samples for p in plans if p.num_samples < slots}
+    if small:
+        raise ValueError(
+            f"DataConfig.readers_per_rank: source(s) {small} have fewer samples than the {slots} reader slots "
+            f"(world_size {world_size} x readers_per_rank {cfg.readers_per_rank}); every slot needs one per epoch"
+        )
     flip_permutation = label_space.keypoints.flip_permutation() if label_space.keypoints else None
-    dataset = MixedSourceStream(
-        manifests,
-        label_space=label_space,
-        weights=weights,
-        transform=build_train_transforms(cfg.transforms, flip_permutation=flip_permutation),
-        seed=cfg.seed,
-        rank=rank,
-        shuffle_buffer=cfg.shuffle_buffer,
+    transforms = {
+        m.name: build_train_transforms(s.transforms or cfg.transforms, flip_permutation=flip_permutation)
+        for m, s in zip(manifests, cfg.sources)
+    }
+    sampler = TaskSampler(
+        weights, strategy=cfg.sampling, composition=cfg.composition, batch_size=cfg.batch_size,
+        seed=cfg.seed, rank=rank,
     )
-    loader = StatefulDataLoader(
+    dataset = MixedSourceStream(
+        plans,
+        prepare=SamplePreparer(manifests, label_space=label_space, transforms=transforms, seed=cfg.seed),
+        sampler=sampler,
+        seed=cfg.seed,
+        world_size=world_size,
+        rank=rank,
+        readers_per_rank=cfg.readers_per_rank,
+        bad_sample_policy=cfg.bad_sample_policy,
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
+    loader = TrainLoader(
         dataset,
-        batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
-        persistent_workers=cfg.num_workers > 0,
-        # Seeds each worker's torch RNG (augmentations) per (seed, rank). With num_workers=0
-        # augmentations draw from the main process's RNG, which the trainer seeds.
+        # Only for torch's worker seeding, which nothing here uses (augmentation is seeded
+        # per sample); a generator of our own keeps the trainer's global RNG untouched.
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, rank, "torch")),
+        targets=sampler.probabilities,
+        source_tasks={m.name: list(m.tasks) for m in manifests},
     )
     return loader, label_space, manifests

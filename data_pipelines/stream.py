@@ -1,77 +1,167 @@
-"""The infinite training stream: one webdataset pipeline per source, mixed by a TaskSampler.
+"""A rank's endless stream of training batches, mixed from several sources.
 
-Seeding: every (seed, rank, dataloader worker) gets its own seeds for shard resampling,
-the shuffle buffer and the source sampler, so no two ranks/workers read the same
-sequence and the same (seed, rank, num_workers) reads the same sequence every run.
-Shards are resampled with replacement (no epochs yet), so ranks and workers never need
-equal shard counts and never run dry.
+Each rank has ``readers_per_rank`` readers; reader ``l`` builds the rank's batches
+``l, l + R, l + 2R, ...`` and owns one :class:`SourceReader` per source (reader slot
+``rank * R + l``, see ``epoch_plan``). Batch ``b``'s sources come from the
+:class:`TaskSampler`, a pure function of ``b``. Data-loader worker ``w`` of ``W`` builds
+batches ``w, w + W, ...`` (the order in which the loader collects them), which with
+``W`` dividing ``R`` touches readers of its own only: the batch sequence is a function
+of (seed, world_size, rank, R) and never of ``W``.
+
+Bad data: a sample that cannot be read or decoded raises under policy ``raise``; under
+``skip`` it is logged, counted per source, and replaced by the same reader's next
+sample of that source, so batches stay full and positions stay exact.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import random
-from collections.abc import Callable, Iterator
+import copy
+import itertools
+import logging
+from collections.abc import Iterator
 
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipelines.decode import decode_sample
-from data_pipelines.label_space import LabelSpace
-from data_pipelines.manifest import Manifest
+from data_pipelines.batch_transport import PackedBatch, pack
+from data_pipelines.collate import collate
+from data_pipelines.epoch_plan import SourcePlan
+from data_pipelines.prepare import SamplePreparer
+from data_pipelines.shard_reader import ReadFailure
+from data_pipelines.source_reader import SourceReader
+from data_pipelines.stream_state import (
+    check_compatible,
+    initial_state,
+    next_batch,
+    pack_segments,
+    stream_layout,
+    unpack_segments,
+)
 from data_pipelines.task_sampler import TaskSampler
+
+log = logging.getLogger(__name__)
+
+BAD_SAMPLE_POLICIES: tuple[str, ...] = ("raise", "skip")
+
+
+class BadSampleError(ValueError):
+    """A bad sample under policy ``raise``; the message names shard, key and problem."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More of a source is bad than ``data.max_bad_fraction`` allows."""
 
 
 class MixedSourceStream(IterableDataset):
-    """Yields transformed per-sample dicts forever; ``weights`` are per source name."""
+    """Yields batches forever, packed for the hand-over (``batch_transport``);
+    ``state_dict``/``load_state_dict`` hold the position."""
 
     def __init__(
         self,
-        manifests: list[Manifest],
+        plans: list[SourcePlan],
         *,
-        label_space: LabelSpace,
-        weights: dict[str, float],
-        transform: Callable[[dict], dict],
+        prepare: SamplePreparer,
+        sampler: TaskSampler,
         seed: int,
+        world_size: int,
         rank: int,
-        shuffle_buffer: int,
+        readers_per_rank: int,
+        bad_sample_policy: str,
+        max_bad_fraction: float,
     ) -> None:
         super().__init__()
-        self.manifests = manifests
-        self.label_space = label_space
-        self.weights = weights
-        self.transform = transform
-        self.seed = seed
+        if bad_sample_policy not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"bad_sample_policy must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_sample_policy!r}")
+        self.plans = {p.name: p for p in plans}
+        self.prepare = prepare
+        self.sampler = sampler
         self.rank = rank
-        self.shuffle_buffer = shuffle_buffer
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        streams = {
-            m.name: iter(self._source_pipeline(m, seed=derive_seed(self.seed, self.rank, worker, m.name)))
-            for m in self.manifests
-        }
-        sampler = TaskSampler(self.weights, seed=derive_seed(self.seed, self.rank, worker, "sampler"))
-        while True:
-            yield next(streams[sampler.sample()])
-
-    def _source_pipeline(self, manifest: Manifest, *, seed: int) -> wds.DataPipeline:
-        return wds.DataPipeline(
-            # worker_seed: our seed already encodes rank and worker; webdataset's default
-            # would mix in its own guess of the rank from the environment.
-            wds.ResampledShards(manifest.shard_urls(), seed=seed, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(),
-            # Shuffle raw bytes, before decoding: a buffer of encoded samples is ~10x smaller.
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)),
-            wds.map(functools.partial(self._prepare, manifest=manifest)),
+        self.readers_per_rank = readers_per_rank
+        self.num_slots = world_size * readers_per_rank
+        self.bad_sample_policy = bad_sample_policy
+        self.max_bad_fraction = max_bad_fraction
+        self.layout = stream_layout(
+            seed=seed, world_size=world_size, rank=rank, readers_per_rank=readers_per_rank, plans=plans
         )
+        self._state = initial_state(self.layout)
+        # Built from the state on first use, in whichever process reads.
+        self._readers: dict[tuple[int, str], SourceReader] = {}
 
-    def _prepare(self, raw: dict, *, manifest: Manifest) -> dict:
-        return self.transform(decode_sample(raw, manifest=manifest, label_space=self.label_space))
+    # --- position ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._state)
 
+    def load_state_dict(self, state: dict) -> None:
+        check_compatible(state, self.layout)
+        self._state = copy.deepcopy(state)
+        self._readers = {}
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts``, stable across processes (unlike ``hash`` of a str)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    # --- batches ----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[PackedBatch]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if self.readers_per_rank % workers:
+            raise ValueError(
+                f"data.num_workers={workers} must divide data.readers_per_rank={self.readers_per_rank}: "
+                f"each reader's batches must all go to one worker"
+            )
+        for batch in itertools.count(next_batch(self._state) + worker, workers):
+            yield self._build(batch)
+
+    def _build(self, batch: int) -> PackedBatch:
+        reader = batch % self.readers_per_rank
+        state = self._state["readers"][str(reader)]
+        if state["next_batch"] != batch:  # a bug, not a data problem
+            raise RuntimeError(f"reader {reader} is at batch {state['next_batch']}, asked for batch {batch}")
+        samples = [self._next_good_sample(reader, source) for source in self.sampler.batch_sources(batch)]
+        state["next_batch"] = batch + self.readers_per_rank
+        return pack(collate(samples))
+
+    def _next_good_sample(self, reader: int, source: str) -> dict:
+        counts = self._state["readers"][str(reader)]["sources"][source]
+        stream = self._source_reader(reader, source, counts)
+        while True:
+            item = next(stream)
+            counts["epoch"], counts["position"] = stream.epoch, stream.position
+            counts["pending"] = pack_segments(stream.pending)
+            if isinstance(item.payload, ReadFailure):
+                problem = str(item.payload)
+            else:
+                try:
+                    sample = self.prepare(
+                        item.payload, source=source, epoch=item.epoch, shard=item.shard, index=item.index
+                    )
+                except ValueError as e:  # decode_sample's message names shard, key and problem
+                    problem = str(e)
+                else:
+                    counts["samples"] += 1
+                    return sample
+            self._bad_sample(source, problem, counts, reader=reader, share_size=stream.share_size)
+
+    def _bad_sample(self, source: str, problem: str, counts: dict, *, reader: int, share_size: int) -> None:
+        if self.bad_sample_policy == "raise":
+            raise BadSampleError(
+                f"source {source!r}: bad sample: {problem} (data.bad_sample_policy=skip drops and counts bad samples)"
+            )
+        counts["bad"] += 1
+        log.warning("source %r: skipped bad sample: %s", source, problem)
+        read = counts["samples"] + counts["bad"]
+        # Judged against at least one epoch's share, so that an early bad sample is not
+        # mistaken for a high rate.
+        if counts["bad"] > self.max_bad_fraction * max(read, share_size):
+            raise TooManyBadSamples(
+                f"source {source!r}: {counts['bad']} of {read} samples read by reader {reader} of rank {self.rank} "
+                f"were bad, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} (last: {problem})"
+            )
+
+    def _source_reader(self, reader: int, source: str, counts: dict) -> SourceReader:
+        key = (reader, source)
+        if key not in self._readers:
+            self._readers[key] = SourceReader(
+                self.plans[source],
+                slot=self.rank * self.readers_per_rank + reader,
+                num_slots=self.num_slots,
+                epoch=counts["epoch"],
+                position=counts["position"],
+                pending=unpack_segments(counts["pending"]),
+            )
+        return self._readers[key]

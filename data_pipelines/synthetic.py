@@ -33,7 +33,8 @@ from pycocotools import mask as mask_utils
 
 DEMO_TASKS: dict[str, list[str]] = {
     "shapes_instances": ["detection", "instance_mask"],
-    "shapes_keypoints": ["keypoints"],
+    # Person-keypoints style: the figures are labelled as boxes too, as COCO persons are.
+    "shapes_keypoints": ["detection", "keypoints"],
     "shapes_semantic": ["semantic"],
     "shapes_classes": ["classification"],
 }

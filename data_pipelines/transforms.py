@@ -13,6 +13,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from data_pipelines.schema import IGNORE_INDEX
+
 INSTANCE_KEYS: tuple[str, ...] = ("boxes", "labels", "iscrowd", "masks", "keypoints", "keypoint_visibility")
 
 
@@ -20,45 +22,118 @@ INSTANCE_KEYS: tuple[str, ...] = ("boxes", "labels", "iscrowd", "masks", "keypoi
 class TransformConfig:
     image_size: int = 128  # every image becomes image_size x image_size, so batches stack
     hflip_prob: float = 0.5
-    # Scale jitter: smallest random crop as a fraction of the image area (RandomResizedCrop);
-    # 1.0 disables cropping (plain resize).
-    min_crop_area: float = 1.0
+    # Scale jitter: the image is resized to (s * image_size)^2 with s uniform in
+    # scale_range, then randomly cropped (s > 1) or padded (s < 1) back to image_size^2.
+    # Boxes leaving the crop are clipped (dropped once empty), keypoints leaving it are
+    # marked unlabelled. (1, 1) is a plain resize, as evaluation does.
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    # Colour jitter (torchvision ColorJitter factors); 0 = off. Images only.
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"TransformConfig.image_size must be >= 1, got {self.image_size}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"TransformConfig.hflip_prob must be in [0, 1], got {self.hflip_prob}")
-        if not 0.0 < self.min_crop_area <= 1.0:
-            raise ValueError(f"TransformConfig.min_crop_area must be in (0, 1], got {self.min_crop_area}")
+        self.scale_range = tuple(self.scale_range)
+        if len(self.scale_range) != 2 or not 0.0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"TransformConfig.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TransformConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"TransformConfig.hue must be in [0, 0.5], got {self.hue}")
 
 
 def build_train_transforms(cfg: TransformConfig, *, flip_permutation: list[int] | None) -> Callable[[dict], dict]:
-    """Random crop/resize to a square, horizontal flip, then drop instances whose box vanished.
+    """Scale jitter + random crop, horizontal flip, colour jitter; see :class:`TransformConfig`.
 
-    ``flip_permutation`` (``KeypointSchema.flip_permutation()``) swaps left/right keypoints
-    on a flip; None is only valid when no sample has keypoints.
+    Every geometric step is followed by the instance clean-up (clip boxes, hide
+    keypoints outside the image, drop instances whose box vanished), so after each
+    step boxes lie inside the image and per-instance tensors stay aligned.
+    ``flip_permutation`` (``KeypointSchema.flip_permutation()``) swaps left/right
+    keypoints on a flip; None is only valid when no sample has keypoints.
+    Normalisation is not here: the model normalises (``model.norm_mean/norm_std``), so
+    that training and evaluation share it and it runs on the accelerator.
     """
-    size = (cfg.image_size, cfg.image_size)
-    geometry = (
-        v2.Resize(size, antialias=True)
-        if cfg.min_crop_area == 1.0
-        else v2.RandomResizedCrop(size, scale=(cfg.min_crop_area, 1.0), antialias=True)
-    )
-    return v2.Compose(
-        [
-            geometry,
-            HorizontalFlip(p=cfg.hflip_prob, flip_permutation=flip_permutation),
-            v2.ClampBoundingBoxes(),
-            hide_outside_keypoints,
-            SanitizeInstances(),
-        ]
-    )
+    size = cfg.image_size
+    steps: list[Callable[[dict], dict]] = []
+    if cfg.scale_range == (1.0, 1.0):
+        steps.append(KeepInstancesConsistent(v2.Resize((size, size), antialias=True)))
+    else:
+        steps.append(KeepInstancesConsistent(SquareScaleJitter(size, scale_range=cfg.scale_range)))
+        fill = {tv_tensors.Image: 0, SemanticMask: IGNORE_INDEX, "others": 0}
+        steps.append(KeepInstancesConsistent(v2.RandomCrop((size, size), pad_if_needed=True, fill=fill)))
+    steps.append(HorizontalFlip(p=cfg.hflip_prob, flip_permutation=flip_permutation))
+    if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
+        # Last: on the final, small image, which is cheaper.
+        steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+    return TrainTransforms(steps)
 
 
 def build_eval_transforms(cfg: TransformConfig) -> Callable[[dict], dict]:
     """Deterministic resize to the training size; annotations are kept as they are."""
     return v2.Compose([v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
+
+
+class SemanticMask(tv_tensors.Mask):
+    """A semantic mask inside the training transforms: a Mask to every kernel, but its
+    own type for padding, which must fill it with ``IGNORE_INDEX`` where instance masks
+    get 0."""
+
+
+class TrainTransforms:
+    """The training steps in order (``steps`` is public so tests can check each one)."""
+
+    def __init__(self, steps: list[Callable[[dict], dict]]) -> None:
+        self.steps = steps
+
+    def __call__(self, sample: dict) -> dict:
+        if "semantic" in sample:
+            sample = {**sample, "semantic": sample["semantic"].as_subclass(SemanticMask)}
+        for step in self.steps:
+            sample = step(sample)
+        if "semantic" in sample:
+            sample["semantic"] = sample["semantic"].as_subclass(tv_tensors.Mask)
+        return sample
+
+
+class SquareScaleJitter(v2.ScaleJitter):
+    """``v2.ScaleJitter`` to a square: resize to (s * size)^2, ignoring the aspect ratio
+    as the plain resize (and evaluation) do, in one resampling."""
+
+    def __init__(self, size: int, *, scale_range: tuple[float, float]) -> None:
+        super().__init__((size, size), scale_range=scale_range, antialias=True)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        low, high = self.scale_range
+        side = max(1, round(self.target_size[0] * float(low + torch.rand(()) * (high - low))))
+        return {"size": (side, side)}
+
+
+class KeepInstancesConsistent:
+    """Runs a geometric step, then clips boxes to the image, hides keypoints outside it
+    and drops instances whose box became empty."""
+
+    def __init__(self, step: Callable[[dict], dict]) -> None:
+        self.step = step
+        self._clamp = v2.ClampBoundingBoxes()
+        self._sanitize = SanitizeInstances()
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.step(sample)
+        if len(out["boxes"]) == 0:  # nothing to clean up; skips the clean-up's fixed cost
+            return out
+        out = hide_outside_keypoints(self._clamp(out))
+        boxes = out["boxes"]
+        sizes = boxes.as_subclass(torch.Tensor)[:, 2:] - boxes.as_subclass(torch.Tensor)[:, :2]
+        if boxes.format == tv_tensors.BoundingBoxFormat.XYXY and (sizes >= SanitizeInstances.MIN_SIZE).all():
+            # Clamped, and none too small: the sanitizer (as costly as a resize) would drop nothing.
+            return out
+        return self._sanitize(out)
 
 
 class HorizontalFlip:
@@ -104,8 +179,10 @@ class SanitizeInstances:
     semantic mask with H == N.
     """
 
+    MIN_SIZE = 1.0  # boxes narrower or lower than this (pixels) are dropped
+
     def __init__(self) -> None:
-        self._sanitize = v2.SanitizeBoundingBoxes(labels_getter=_instance_labels)
+        self._sanitize = v2.SanitizeBoundingBoxes(min_size=self.MIN_SIZE, labels_getter=_instance_labels)
 
     def __call__(self, sample: dict) -> dict:
         instances = self._sanitize({k: sample[k] for k in INSTANCE_KEYS if k in sample})

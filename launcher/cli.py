@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from trainer.config_loading import ConfigError
 
@@ -24,13 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="start N ranks per node with torchrun")
     _add_config_args(launch)
-    launch.add_argument("--nproc-per-node", type=int, default=1)
+    launch.add_argument("--nproc-per-node", type=int, default=None,
+                        help="ranks per node (default 1; with --slurm: the node's allocated GPUs, else 1)")
     launch.add_argument("--nnodes", type=int, default=1)
     launch.add_argument("--node-rank", type=int, default=None)
     launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (multi-node)")
     launch.add_argument("--rdzv-id", default="polytask")
     launch.add_argument("--max-restarts", type=int, default=0)
     launch.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    launch.add_argument("--slurm", action="store_true",
+                        help="inside a Slurm job step (one per node): nodes, rendezvous, ranks per node "
+                             "and the default run.dir from SLURM_* (see slurm/README.md)")
+    launch.add_argument("--print-run-dir", action="store_true",
+                        help="validate the config, print the absolute run directory and exit")
 
     train = sub.add_parser("train", help="run one rank (torchrun starts this)")
     _add_config_args(train)
@@ -79,15 +86,31 @@ def _launch(args: argparse.Namespace) -> int:
     from launcher.torchrun import LaunchSpec, torchrun_command
     from trainer.config import load_config
 
-    load_config(args.config, args.overrides)  # fail here, before any process is spawned
+    overrides = list(args.overrides)
+    slurm_job = None
+    if args.slurm:
+        from launcher import slurm
+
+        slurm_job = slurm.SlurmJob.from_env()
+        # Every node and the batch shell compute the same absolute run.dir and pass it on.
+        overrides.append(f"run.dir={slurm.run_dir(args.config, overrides, slurm_job)}")
+    cfg = load_config(args.config, overrides)  # fail here, before any process is spawned
+    if args.print_run_dir:
+        print(Path(cfg.run.dir).absolute())
+        return 0
     try:
-        spec = LaunchSpec(
-            nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
-        )
+        if slurm_job is not None:
+            spec = slurm.launch_spec(slurm_job, nproc_per_node=args.nproc_per_node,
+                                     rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+            print(slurm.describe(slurm_job, spec), flush=True)
+        else:
+            spec = LaunchSpec(
+                nproc_per_node=1 if args.nproc_per_node is None else args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
+            )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    cmd = torchrun_command(spec, args.config, args.overrides)
+    cmd = torchrun_command(spec, args.config, overrides)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -12,7 +13,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from data_pipelines.schema import TASK_INDEX, TASKS, Batch
 from models.backbone import build_backbone
-from models.config import ModelConfig
+from models.config import CASCADE_TASKS, ModelConfig
 from models.heads import build_head
 from models.heads.base import Features
 
@@ -88,14 +89,20 @@ class MultiTaskModel(nn.Module):
         return MultiTaskOutput(losses=losses, counts=counts, features=features, head_features=head_features)
 
     @torch.no_grad()
-    def predict(self, images: Tensor) -> list[dict[str, Tensor]]:
-        """Per image: every task's outputs (see the heads), in the unpadded image's pixels."""
+    def predict(self, images: Tensor, *, tasks: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+        """Per image: the outputs of ``tasks`` (default: every head), in the unpadded
+        image's pixels. The box cascades (masks, keypoints) also run detection."""
+        wanted = set(self.heads) if tasks is None else set(tasks) & set(self.heads)
+        if wanted & set(CASCADE_TASKS):
+            wanted.add("detection")
         features = self.forward_features(images)
         image_size = self.padded_size(images)
         results: list[dict[str, Tensor]] = [{} for _ in range(images.shape[0])]
         detections = None
         # TASKS order runs detection before the heads that pool its boxes.
         for task, head in self.heads.items():
+            if task not in wanted:
+                continue
             outputs = head.predict(features, image_size, detections=detections)
             if task == "detection":
                 detections = outputs

@@ -72,7 +72,7 @@ class Checkpointer:
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _point_latest(self.root, final.name)
+            _point_link(self.root, "latest", final.name)
             self._prune()
             log.info("checkpoint saved: %s", final)
         dist.barrier()
@@ -91,12 +91,19 @@ class Checkpointer:
             raise FileNotFoundError(f"{path}: not a complete polytask checkpoint (no {META_NAME})")
         return json.loads(meta_file.read_text())
 
+    def mark_best(self, step: int) -> None:
+        """Point ``checkpoints/best`` at ``step_<step>``, which pruning then keeps."""
+        if self.is_main:
+            _point_link(self.root, "best", f"step_{step}")
+
     def _prune(self) -> None:
+        best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
         steps = sorted(
             (int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
         )
         for _, old in steps[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() != best:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointLoadError(RuntimeError):
@@ -176,9 +183,10 @@ def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _point_latest(root: Path, name: str) -> None:
-    tmp = root / "latest.tmp"
+def _point_link(root: Path, link: str, target: str) -> None:
+    """Atomically (re)point ``root/link`` at ``target``: a reader sees the old or the new."""
+    tmp = root / f"{link}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(name, tmp)  # relative: the run directory can be moved
-    os.replace(tmp, root / "latest")
+    os.symlink(target, tmp)  # relative: the run directory can be moved
+    os.replace(tmp, root / link)

@@ -20,6 +20,9 @@ def run_training(cfg: JobConfig) -> int:
     try:
         trainer = Trainer(cfg, dist_info)
         trainer.train()
+        if trainer.preempted:  # checkpointed for a Slurm requeue: unfinished, so no summary
+            trainer.metrics.close()  # flush W&B; the requeued job continues the same run id
+            return 0
         summary = trainer.finish()
         return 0 if summary["replicas_in_sync"] else 1
     finally:

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data_pipelines.audit import AuditWriter
 from data_pipelines.loader import build_train_loader
+from data_pipelines.reshard import reshard_states
 from data_pipelines.schema import Batch
 from models import build_model
 from trainer.backends import build_backend
@@ -30,7 +32,10 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
+from trainer.evaluation.best_metric import BestMetricTracker, check_best_metric_source
+from trainer.evaluation.evaluator import eval_dir, evaluate
 from trainer.metrics_logger import MetricsLogger
+from trainer.preemption import PreemptionFlag, slurm_job_info
 from trainer.rng_state import get_rng_state, set_rng_state
 from trainer.task_losses import global_task_counts, local_task_counts, scale_task_losses
 
@@ -89,27 +94,46 @@ class Trainer:
         self.step = 0
         self._data_iter: Iterator[Batch] | None = None
         self._loss_rows: list[tuple[int, dict[str, float]]] = []  # (step, loss/*) per log line
+        self._last_eval: dict[str, float] = {}
 
         self.checkpointer = Checkpointer(run_dir=self.run_dir, cfg=cfg.checkpoint, is_main=dist_info.is_main)
         wandb_run_id = self._maybe_resume()
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.audit = AuditWriter(self.run_dir, dist_info.rank) if cfg.data.audit else None
+        self.best = None
+        if cfg.eval.best_metric:
+            check_best_metric_source(cfg.eval)  # now, not after hours of training
+            self.best = BestMetricTracker(cfg.eval, run_dir=self.run_dir, is_main=dist_info.is_main)
+        # Slurm (slurm/train.sbatch): which job and restart this is, and the checkpoint-now flag.
+        self.slurm = slurm_job_info()
+        if self.slurm and dist_info.is_main:
+            log.info("Slurm job %s, SLURM_RESTART_COUNT=%s, nodes %s", self.slurm["job_id"],
+                     self.slurm["restart_count"], self.slurm["nodelist"])
+        self.preemption = PreemptionFlag(self.run_dir, local_rank=dist_info.local_rank)
+        self.preempted = False
+        wandb_config = {**to_dict(cfg), **({"slurm": self.slurm} if self.slurm else {})}
         self.metrics = MetricsLogger(
-            run_dir=self.run_dir, cfg=cfg.wandb, config=to_dict(cfg),
+            run_dir=self.run_dir, cfg=cfg.wandb, config=wandb_config,
             enabled=dist_info.is_main, run_id=wandb_run_id,
         )
 
     # --- checkpoint state -------------------------------------------------------------
-    def _extra_state(self) -> dict[str, Any]:
-        """The loop's own state; per-rank parts under per-rank keys (DCP keeps one copy of
-        a key that every rank holds)."""
+    def _extra_state(self, *, data_ranks: int | None = None) -> dict[str, Any]:
+        """The loop's own state; per-rank parts under per-rank keys (DCP keeps one copy of a
+        key that every rank holds). Stream positions are JSON strings: a leaf that loads
+        whatever the world size, so a resume on another world size can read every old
+        rank's position (``data_ranks`` of them) and reshard them."""
         rank = f"rank_{self.dist.rank}"
+        data = {rank: json.dumps(self.loader.state_dict())} if data_ranks is None else {
+            f"rank_{r}": "" for r in range(data_ranks)
+        }
         return {
             "train": {"step": self.step},
             "balancer": self.balancing.balancer.state_dict(),
             "rng": {rank: get_rng_state()},
-            "data": {rank: self.loader.state_dict()},
+            "data": data,
         }
 
     def _maybe_resume(self) -> str | None:
@@ -120,21 +144,27 @@ class Trainer:
         if path is None:
             return None
         meta = self.checkpointer.read_meta(path)
-        extra = self._extra_state()
-        same_world = meta.get("world_size") == self.dist.world_size
+        old_world = int(meta.get("world_size", self.dist.world_size))
+        same_world = old_world == self.dist.world_size
+        extra = self._extra_state(data_ranks=None if same_world else old_world)
         if not same_world:
-            # Per-rank RNG and stream positions belong to the old layout of ranks.
-            log.warning("checkpoint %s was written by %s ranks, this job has %d: model, optimizer "
-                        "and schedule are resharded; data streams and RNG restart from the seed",
-                        path, meta.get("world_size"), self.dist.world_size)
-            extra = {"train": extra["train"], "balancer": extra["balancer"]}
+            extra.pop("rng")  # per-rank RNG belongs to the old layout of ranks; reseeded below
         self.backend.load(path, extra)
         self.step = int(extra["train"]["step"])
         self.balancing.balancer.load_state_dict(extra["balancer"])
+        rank = f"rank_{self.dist.rank}"
         if same_world:
-            rank = f"rank_{self.dist.rank}"
             set_rng_state(extra["rng"][rank])
-            self.loader.load_state_dict(extra["data"][rank])
+            self.loader.load_state_dict(json.loads(extra["data"][rank]))
+        else:
+            old_states = [json.loads(extra["data"][f"rank_{r}"]) for r in range(old_world)]
+            new_states = reshard_states(old_states, world_size=self.dist.world_size,
+                                        readers_per_rank=self.cfg.data.readers_per_rank)
+            self.loader.load_state_dict(new_states[self.dist.rank])
+            seed_everything(self.cfg.run.seed + 1_000_003 * self.step + self.dist.rank)
+            log.warning("checkpoint %s was written by %d ranks, this job has %d: model and optimizer "
+                        "resharded, data positions remapped (the interrupted epochs finish first)",
+                        path, old_world, self.dist.world_size)
         log.info("resumed from %s at step %d", path, self.step)
         return meta.get("wandb_run_id")
 
@@ -207,6 +237,8 @@ class Trainer:
             batches = [self._next_batch() for _ in range(cfg.grad_accum_steps)]
             window.data_wait += time.perf_counter() - t0
             out = self.train_step(batches)
+            if self.audit is not None:
+                self.audit.write(self.step, [k for b in batches for k in b.keys])
             window.add(out, images=sum(len(b) for b in batches))
             progress.update(1)
             last = self.step == cfg.max_steps
@@ -218,7 +250,36 @@ class Trainer:
                 window = _LogWindow(len(self.tasks), self.device)
             if self.checkpointer.should_save(self.step, last=last):
                 self.save_checkpoint()
+            if self.cfg.eval.due(self.step, last=last):
+                self.evaluate()
+            if not last and self.preemption.requested():  # collective: every rank stops here
+                self._checkpoint_and_stop()
+                break
         progress.close()
+
+    def _checkpoint_and_stop(self) -> None:
+        """Slurm asked for a checkpoint (time limit or preemption, see trainer/preemption.py):
+        save this step unless the loop just did, then tell the batch script."""
+        if not self.checkpointer.should_save(self.step, last=False):
+            self.save_checkpoint()
+        self.preemption.acknowledge(self.step)
+        self.preempted = True
+        log.info("checkpointed at step %d on request (%s); stopping for a requeue", self.step, self.preemption.request)
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on ``eval.sources`` (collective), log the metrics, track the best step."""
+        metrics = evaluate(
+            self.backend.module, self.cfg.eval, transforms=self.cfg.data.transforms, label_space=self.label_space,
+            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+            out_dir=eval_dir(self.run_dir, self.step), step=self.step,
+        )
+        self.metrics.log(self.step, metrics)
+        self._last_eval = {"step": self.step, **metrics}
+        if self.best is not None and self.best.update(self.step, metrics):
+            if self.checkpointer.latest() != (self.checkpointer.root / f"step_{self.step}").resolve():
+                self.save_checkpoint()  # the best step must have a checkpoint to point at
+            self.checkpointer.mark_best(self.step)
+        return metrics
 
     def _metrics_row(self, window: "_LogWindow") -> dict[str, float]:
         loss_sum = window.loss_sum.clone()
@@ -242,6 +303,10 @@ class Trainer:
         # every rank draws the same batch size, so images/s over all ranks is local x world
         row["throughput/images_per_s"] = window.images * self.dist.world_size / max(elapsed, 1e-9)
         row["time/data_wait_frac"] = window.data_wait / max(elapsed, 1e-9)
+        if self.dist.is_main:  # rank 0's own stream: consumed samples, epochs, realised mix
+            row.update(self.loader.data_metrics())
+        if self.slurm:
+            row["slurm/restart_count"] = self.slurm["restart_count"]
         return row
 
     # --- end of run -------------------------------------------------------------------
@@ -268,13 +333,18 @@ class Trainer:
         digests = self.replica_digests()
         summary = {"step": self.step, "world_size": self.dist.world_size, "replica_digests": digests,
                    "replicas_in_sync": len(set(digests)) == 1, "wandb_run_id": self.metrics.run_id,
-                   "losses": self._loss_trend()}
+                   "losses": self._loss_trend(), "eval": self._last_eval}
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             for name, trend in summary["losses"].items():
                 log.info("%-22s first logged %.4f (step %d) -> last %.4f (step %d)", name,
                          trend["first"], trend["first_step"], trend["last"], trend["last_step"])
+            headline = {k: v for k, v in self._last_eval.items() if k.endswith(("/AP", "/AP50", "/mIoU", "/top1"))}
+            for name, value in headline.items():
+                log.info("%-44s %.3f (step %d)", name, value, self._last_eval["step"])
         if not summary["replicas_in_sync"]:
             log.error("DDP replicas diverged: %s", digests)
         self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()
         return summary

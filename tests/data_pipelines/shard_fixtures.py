@@ -47,17 +47,23 @@ def write_source(
     name: str,
     tasks: list[str],
     shard_size: int = 4,
+    shard_sizes: list[int] | None = None,
     categories: list[dict] | None = None,
     keypoints: KeypointSchema | None = None,
     semantic_classes: list[str] | None = None,
     classes: list[str] | None = None,
 ) -> Manifest:
-    """Write ``samples`` as shards of ``shard_size`` plus manifest.json; returns the manifest."""
+    """Write ``samples`` as shards of ``shard_size`` (or of the given ``shard_sizes``) plus
+    manifest.json; returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
+    if shard_sizes is None:
+        shard_sizes = [min(shard_size, len(samples) - s) for s in range(0, len(samples), shard_size)]
+    assert sum(shard_sizes) == len(samples), (shard_sizes, len(samples))
     shards = []
-    for start in range(0, len(samples), shard_size):
-        path = f"{name}-{start // shard_size:06d}.tar"
-        chunk = samples[start : start + shard_size]
+    starts = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
+    for i, (start, size) in enumerate(zip(starts, shard_sizes)):
+        path = f"{name}-{i:06d}.tar"
+        chunk = samples[start : start + size]
         with wds.TarWriter(str(directory / path)) as writer:
             for sample in chunk:
                 writer.write(sample)

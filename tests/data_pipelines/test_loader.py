@@ -17,7 +17,7 @@ SEG_TASKS = ["semantic", "classification"]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
-    # Uneven shard counts and sizes (4+2 and 2+2+1): resampling must cope.
+    # Uneven shard counts and sizes (4+2 and 2+2+1).
     det = [boxed_sample(f"d{i:03d}", height=24, width=32, seed=i, category_id=5) for i in range(6)]
     person = [{"id": 5, "name": "person"}]
     write_source(root / "det", det, name="det", tasks=DET_TASKS, categories=person, keypoints=KEYPOINT_SCHEMA)
@@ -36,6 +36,7 @@ def config(root, **overrides) -> DataConfig:
         sources=[SourceConfig(path=str(root / "det")), SourceConfig(path=str(root / "seg"))],
         batch_size=3,
         num_workers=0,
+        readers_per_rank=2,
         seed=11,
         shuffle_buffer=4,
         transforms=TransformConfig(image_size=SIZE),
@@ -87,6 +88,42 @@ def test_ranks_get_distinct_reproducible_batches(sources, num_workers):
     assert [k for b in take(cfg, rank=0, steps=steps) for k in b.keys] == keys0
 
 
+def test_the_sequence_does_not_depend_on_the_number_of_workers(sources):
+    runs = [take(config(sources, num_workers=w), rank=1, steps=6) for w in (0, 1, 2)]
+    for other in runs[1:]:
+        assert [b.keys for b in other] == [b.keys for b in runs[0]]
+        assert all(torch.equal(a.images, b.images) for a, b in zip(runs[0], other))
+
+
+def test_shards_override_reads_brace_patterns_and_pipe_urls(sources):
+    # The same shards, named by a pipe: command over a brace pattern instead of the manifest.
+    pattern = f"pipe:cat {sources}/seg/seg-{{000000..000002}}.tar"
+    seg = SourceConfig(path=str(sources / "seg"), shards=pattern)
+    cfg = config(sources, sources=[SourceConfig(path=str(sources / "det")), seg])
+    assert [b.keys for b in take(cfg, rank=0, steps=4)] == [b.keys for b in take(config(sources), rank=0, steps=4)]
+
+    short = SourceConfig(path=str(sources / "seg"), shards=f"{sources}/seg/seg-{{000000..000001}}.tar")
+    with pytest.raises(ValueError, match=r"sources\[0\]\.shards.*expands to 2 URLs.*lists 3 shards"):
+        build_train_loader(config(sources, sources=[short]), rank=0, world_size=1)
+
+
+def test_sources_can_have_their_own_transforms(sources):
+    flip_det = SourceConfig(path=str(sources / "det"), transforms=TransformConfig(image_size=SIZE, hflip_prob=1.0))
+    cfg = config(sources, sources=[flip_det, SourceConfig(path=str(sources / "seg"))],
+                 transforms=TransformConfig(image_size=SIZE, hflip_prob=0.0))
+    plain = config(sources, transforms=TransformConfig(image_size=SIZE, hflip_prob=0.0))
+    for flipped, ref in zip(take(cfg, rank=0, steps=3), take(plain, rank=0, steps=3)):
+        assert flipped.keys == ref.keys
+        for i, source in enumerate(ref.sources):
+            expect = ref.images[i].flip(-1) if source == "det" else ref.images[i]
+            assert torch.equal(flipped.images[i], expect)
+
+
+def test_a_source_smaller_than_the_reader_slots_is_refused(sources):
+    with pytest.raises(ValueError, match=r"readers_per_rank.*'seg': 5.*8 reader slots"):
+        build_train_loader(config(sources, readers_per_rank=4), rank=0, world_size=2)
+
+
 def test_labels_use_the_merged_label_space(sources):
     loader, space, manifests = build_train_loader(config(sources), rank=0, world_size=2)
     assert [m.name for m in manifests] == ["det", "seg"]
@@ -102,7 +139,8 @@ def test_labels_use_the_merged_label_space(sources):
 def test_decode_error_surfaces_with_shard_and_key(tmp_path):
     broken = sample_member("broken", image=b"not a jpeg", meta={"image": {"width": 4, "height": 4}, "annotations": []})
     write_source(tmp_path / "bad", [broken], name="bad", tasks=["detection"], categories=[{"id": 1, "name": "x"}])
-    cfg = config(tmp_path, sources=[SourceConfig(path=str(tmp_path / "bad"))])
+    cfg = config(tmp_path, sources=[SourceConfig(path=str(tmp_path / "bad"))], readers_per_rank=1,
+                 bad_sample_policy="raise")
     loader, _, _ = build_train_loader(cfg, rank=0, world_size=1)
     with pytest.raises(ValueError, match=r"bad-000000\.tar.*'broken'.*cannot decode"):
         next(iter(loader))
@@ -125,6 +163,13 @@ def test_missing_manifest_names_the_path(tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
         ({"shuffle_buffer": 0}, "shuffle_buffer"),
+        ({"composition": "per_task"}, "composition"),
+        ({"readers_per_rank": 0}, "readers_per_rank"),
+        ({"num_workers": 3, "readers_per_rank": 4}, "num_workers"),
+        ({"bad_sample_policy": "ignore"}, "bad_sample_policy"),
+        ({"max_bad_fraction": 1.0}, "max_bad_fraction"),
+        ({"sources": [SourceConfig(path="x", transforms=TransformConfig(image_size=8))]},
+         r"sources\[0\]\.transforms\.image_size"),
     ],
 )
 def test_config_validation_names_the_field(tmp_path, overrides, field):

@@ -5,17 +5,24 @@ import pytest
 from data_pipelines.task_sampler import TaskSampler, strategy_weights
 
 SIZES = {"coco": 100, "ade": 300, "imagenet": 600}
+# Realised fractions over 20,000 draws must be within this of the target (> 4 standard
+# deviations of a binomial fraction at p = 0.5).
+TOLERANCE = 0.015
 
 
-def draws(sampler: TaskSampler, n: int) -> list[str]:
-    return [sampler.sample() for _ in range(n)]
+def sampler(strategy="proportional", *, composition="mixed", batch_size=8, seed=0, rank=0, **kwargs) -> TaskSampler:
+    weights = strategy_weights(strategy, num_samples=SIZES, **kwargs)
+    return TaskSampler(weights, strategy=strategy, composition=composition, batch_size=batch_size, seed=seed, rank=rank)
+
+
+def draws(s: TaskSampler, batches: range) -> list[str]:
+    return [name for b in batches for name in s.batch_sources(b)]
 
 
 def test_same_seed_same_sequence_other_seed_differs():
-    weights = strategy_weights("proportional", num_samples=SIZES)
-    a = draws(TaskSampler(weights, seed=3), 500)
-    assert a == draws(TaskSampler(weights, seed=3), 500)
-    assert a != draws(TaskSampler(weights, seed=4), 500)
+    a = draws(sampler(seed=3), range(100))
+    assert a == draws(sampler(seed=3), range(100))
+    assert a != draws(sampler(seed=4), range(100))
 
 
 @pytest.mark.parametrize(
@@ -26,27 +33,43 @@ def test_same_seed_same_sequence_other_seed_differs():
         ("fixed", {"fixed": {"coco": 1.0, "ade": 1.0, "imagenet": 2.0}}, [0.25, 0.25, 0.5]),
         # n^(1/2): 10, 17.32, 24.49
         ("temperature", {"temperature": 2.0}, [10 / 51.815, 17.3205 / 51.815, 24.4949 / 51.815]),
+        ("round_robin", {}, [1 / 3, 1 / 3, 1 / 3]),
     ],
 )
-def test_realised_mix_approaches_target(strategy, kwargs, target):
-    sampler = TaskSampler(strategy_weights(strategy, num_samples=SIZES, **kwargs), seed=0)
-    assert list(sampler.probabilities.values()) == pytest.approx(target, abs=1e-4)
+@pytest.mark.parametrize("composition, batch_size", [("mixed", 8), ("homogeneous", 1)])
+def test_realised_mix_converges_to_target(strategy, kwargs, target, composition, batch_size):
+    s = sampler(strategy, composition=composition, batch_size=batch_size, **kwargs)
+    assert list(s.probabilities.values()) == pytest.approx(target, abs=1e-4)
     n = 20_000
-    counts = Counter(draws(sampler, n))
+    counts = Counter(draws(s, range(n // batch_size)))
     for name, p in zip(SIZES, target):
-        assert counts[name] / n == pytest.approx(p, abs=0.015), name
+        assert counts[name] / n == pytest.approx(p, abs=TOLERANCE), name
 
 
-def test_state_dict_round_trip_continues_the_sequence():
-    weights = strategy_weights("uniform", num_samples=SIZES)
-    sampler = TaskSampler(weights, seed=7)
-    draws(sampler, 123)
-    state = sampler.state_dict()
-    expected = draws(sampler, 200)
+def test_homogeneous_batches_have_one_source_and_agree_across_ranks():
+    ranks = [sampler(composition="homogeneous", rank=r) for r in range(3)]
+    for b in range(200):
+        batches = [s.batch_sources(b) for s in ranks]
+        assert len(set(batches[0])) == 1 and batches[0] == batches[1] == batches[2]
 
-    resumed = TaskSampler(weights, seed=0)  # the checkpoint's seed wins
-    resumed.load_state_dict(state)
-    assert draws(resumed, 200) == expected
+
+def test_mixed_batches_differ_across_ranks():
+    assert draws(sampler(rank=0), range(50)) != draws(sampler(rank=1), range(50))
+
+
+def test_round_robin_cycles_in_config_order():
+    names = list(SIZES)
+    mixed = sampler("round_robin", batch_size=4)
+    assert draws(mixed, range(3)) == [names[i % 3] for i in range(12)]
+    homogeneous = sampler("round_robin", composition="homogeneous", batch_size=2)
+    assert [homogeneous.batch_sources(b) for b in range(4)] == [[names[b % 3]] * 2 for b in range(4)]
+
+
+def test_decisions_are_a_function_of_the_batch_index_so_resuming_continues():
+    # The sampler keeps no state: its position is the stream's batch counter, which the
+    # loader state stores (round trip: tests/data_pipelines/test_loader_resume.py).
+    uninterrupted = draws(sampler(seed=7), range(300))
+    assert draws(sampler(seed=7), range(123)) + draws(sampler(seed=7), range(123, 300)) == uninterrupted
 
 
 @pytest.mark.parametrize(
@@ -62,6 +85,8 @@ def test_bad_strategy_arguments_raise(strategy, kwargs, message):
         strategy_weights(strategy, num_samples=SIZES, **kwargs)
 
 
-def test_non_positive_weight_raises():
+def test_non_positive_weight_and_unknown_composition_raise():
     with pytest.raises(ValueError, match="must be > 0"):
-        TaskSampler({"coco": 1.0, "ade": 0.0}, seed=0)
+        TaskSampler({"coco": 1.0, "ade": 0.0}, strategy="fixed", composition="mixed", batch_size=1, seed=0, rank=0)
+    with pytest.raises(ValueError, match="unknown batch composition"):
+        TaskSampler({"coco": 1.0}, strategy="uniform", composition="per_task", batch_size=1, seed=0, rank=0)

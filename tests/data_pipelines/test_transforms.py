@@ -3,7 +3,13 @@ import torch
 from torchvision import tv_tensors
 
 from data_pipelines.schema import IGNORE_INDEX, task_mask_for
-from data_pipelines.transforms import INSTANCE_KEYS, TransformConfig, build_eval_transforms, build_train_transforms
+from data_pipelines.transforms import (
+    INSTANCE_KEYS,
+    TrainTransforms,
+    TransformConfig,
+    build_eval_transforms,
+    build_train_transforms,
+)
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA
 
 PERM = KEYPOINT_SCHEMA.flip_permutation()  # names: nose, left_hand, right_hand
@@ -78,43 +84,77 @@ def test_flip_moves_everything_and_swaps_left_right_keypoints():
     assert isinstance(new, tv_tensors.KeyPoints)
 
 
-def test_random_transforms_keep_boxes_inside_and_instances_aligned():
-    cfg = TransformConfig(image_size=24, hflip_prob=0.5, min_crop_area=0.3)
-    transform = build_train_transforms(cfg, flip_permutation=PERM)
+def random_sample(seed: int, g: torch.Generator) -> dict:
+    h, w = (int(v) for v in torch.randint(20, 60, (2,), generator=g))
+    # Some boxes stick out of the image, as slightly-off source annotations do.
+    boxes = []
+    for _ in range(int(torch.randint(1, 5, (), generator=g))):
+        x1, y1 = int(torch.randint(-3, w - 4, (), generator=g)), int(torch.randint(-3, h - 4, (), generator=g))
+        bw, bh = int(torch.randint(3, w // 2, (), generator=g)), int(torch.randint(3, h // 2, (), generator=g))
+        boxes.append([x1, y1, x1 + bw, y1 + bh])
+    return make_sample(h, w, boxes, seed=seed)
+
+
+def check_consistent(out: dict) -> None:
+    """Boxes inside the image, per-instance tensors aligned, each mask and visible
+    keypoint inside its own box, semantic values from the source or IGNORE_INDEX."""
+    height, width = out["image"].shape[-2:]
+    n = len(out["boxes"])
+    assert all(len(out[k]) == n for k in INSTANCE_KEYS)
+    assert out["masks"].shape[-2:] == (height, width) and out["semantic"].shape == (height, width)
+    b = out["boxes"]
+    assert ((b[:, 0::2] >= 0) & (b[:, 0::2] <= width) & (b[:, 1::2] >= 0) & (b[:, 1::2] <= height)).all()
+    assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    assert ((out["iscrowd"]) == ((out["labels"] - LABEL_OFFSET) % 2 == 1)).all()
+    assert set(out["semantic"].unique().tolist()) <= {0, 1, 2, IGNORE_INDEX}
+    vis = out["keypoint_visibility"]
+    assert (vis[:, NOSE] == 0).all()
+    for i in range(n):
+        ys, xs = torch.nonzero(out["masks"][i], as_tuple=True)
+        if len(xs):  # resampling may smear a mask by a pixel
+            assert xs.min() >= b[i, 0] - 1.5 and xs.max() <= b[i, 2] + 0.5
+            assert ys.min() >= b[i, 1] - 1.5 and ys.max() <= b[i, 3] + 0.5
+        kp = out["keypoints"][i][vis[i] > 0]
+        assert ((kp[:, 0] >= 0) & (kp[:, 0] <= width - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= height - 1)).all()
+        assert ((kp[:, 0] >= b[i, 0] - 1.5) & (kp[:, 0] <= b[i, 2] + 1.5)).all()
+        assert ((kp[:, 1] >= b[i, 1] - 1.5) & (kp[:, 1] <= b[i, 3] + 1.5)).all()
+
+
+@pytest.mark.parametrize("scale_range", [(1.0, 1.0), (0.5, 2.0)])
+def test_annotations_stay_consistent_after_every_step(scale_range):
+    """Property test over random samples: the invariants hold after each step of the
+    pipeline (a prefix of the steps with the same seed is the pipeline stopped there)."""
+    cfg = TransformConfig(image_size=24, hflip_prob=0.5, scale_range=scale_range, brightness=0.4, contrast=0.4,
+                          saturation=0.4, hue=0.1)
+    steps = build_train_transforms(cfg, flip_permutation=PERM).steps
     g = torch.Generator().manual_seed(1)
+    dropped = hidden = padded = 0
+    for seed in range(40):
+        sample = random_sample(seed, g)
+        for k in range(1, len(steps) + 1):
+            torch.manual_seed(seed)
+            out = TrainTransforms(steps[:k])(sample)
+            check_consistent(out)
+        assert out["image"].shape == (3, 24, 24) and isinstance(out["semantic"], tv_tensors.Mask)
+        assert type(out["semantic"]) is tv_tensors.Mask and isinstance(out["keypoints"], tv_tensors.KeyPoints)
+        dropped += len(sample["boxes"]) - len(out["boxes"])
+        hidden += int((out["keypoint_visibility"][:, [LEFT, RIGHT]] == 0).sum())
+        unlabelled = out["semantic"] == IGNORE_INDEX
+        padded += int(unlabelled.all(dim=0).any() or unlabelled.all(dim=1).any())
+    if scale_range != (1.0, 1.0):
+        # The crops did remove instances and hide keypoints, and zoom-out padded with
+        # "unlabelled": every path was exercised.
+        assert dropped > 0 and hidden > 0 and padded > 0
+
+
+def test_colour_jitter_changes_only_the_image():
+    sample = make_sample(32, 32, BOXES)
+    cfg = TransformConfig(image_size=32, hflip_prob=0.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.2)
     torch.manual_seed(0)
-    dropped = hidden = 0
-    for seed in range(60):
-        h, w = (int(v) for v in torch.randint(20, 60, (2,), generator=g))
-        # Some boxes stick out of the image, as slightly-off source annotations do.
-        boxes = []
-        for _ in range(int(torch.randint(1, 5, (), generator=g))):
-            x1, y1 = int(torch.randint(-3, w - 4, (), generator=g)), int(torch.randint(-3, h - 4, (), generator=g))
-            bw, bh = int(torch.randint(3, w // 2, (), generator=g)), int(torch.randint(3, h // 2, (), generator=g))
-            boxes.append([x1, y1, x1 + bw, y1 + bh])
-        out = transform(make_sample(h, w, boxes, seed=seed))
-        n = len(out["boxes"])
-        dropped += len(boxes) - n
-        assert out["image"].shape == (3, 24, 24) and out["semantic"].shape == (24, 24)
-        assert all(len(out[k]) == n for k in INSTANCE_KEYS)
-        b = out["boxes"]
-        assert ((b >= 0) & (b <= 24)).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
-        assert ((out["iscrowd"]) == ((out["labels"] - LABEL_OFFSET) % 2 == 1)).all()
-        vis = out["keypoint_visibility"]
-        assert (vis[:, NOSE] == 0).all()
-        hidden += int((vis[:, [LEFT, RIGHT]] == 0).sum())
-        for i in range(n):
-            # Each kept mask and visible keypoint still belongs to the box at the same index.
-            ys, xs = torch.nonzero(out["masks"][i], as_tuple=True)
-            if len(xs):
-                assert xs.min() >= b[i, 0] - 1.5 and xs.max() <= b[i, 2] + 0.5
-                assert ys.min() >= b[i, 1] - 1.5 and ys.max() <= b[i, 3] + 0.5
-            kp = out["keypoints"][i][vis[i] > 0]
-            assert ((kp >= 0) & (kp <= 23)).all()
-            assert ((kp[:, 0] >= b[i, 0] - 1.5) & (kp[:, 0] <= b[i, 2] + 1.5)).all()
-            assert ((kp[:, 1] >= b[i, 1] - 1.5) & (kp[:, 1] <= b[i, 3] + 1.5)).all()
-    # The crops did remove instances and hide keypoints, so both paths were exercised.
-    assert dropped > 0 and hidden > 0
+    out = build_train_transforms(cfg, flip_permutation=PERM)(sample)
+    assert not torch.equal(out["image"], sample["image"])
+    for k in ("boxes", "masks", "keypoints", "keypoint_visibility", "semantic", "labels"):
+        assert torch.equal(out[k], sample[k]), k
 
 
 def test_degenerate_box_is_dropped_with_its_label_mask_and_keypoints():
@@ -145,7 +185,11 @@ def test_eval_transforms_resize_only():
     assert torch.equal(out["keypoint_visibility"], sample["keypoint_visibility"])
 
 
-@pytest.mark.parametrize("field, value", [("image_size", 0), ("hflip_prob", 1.5), ("min_crop_area", 0.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("image_size", 0), ("hflip_prob", 1.5), ("scale_range", (0.0, 1.0)), ("scale_range", (2.0, 1.0)),
+     ("brightness", -0.1), ("hue", 0.6)],
+)
 def test_transform_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"TransformConfig.{field}"):
         TransformConfig(**{field: value})

@@ -1,5 +1,5 @@
 """torchrun worker: ranks evaluate the tiny sources (an odd number of images) with the
-ground-truth model; prints what this rank predicted and the metrics it got back.
+ground-truth model; writes what this rank predicted and the metrics it got back.
 
     eval_gather_worker.py SOURCES_ROOT OUT_DIR
 """
@@ -31,5 +31,6 @@ metrics = evaluate(
     model, cfg, transforms=transforms, label_space=label_space, rank=rank, world_size=world_size,
     device=torch.device("cpu"), out_dir=out_dir,
 )
-print("RESULT " + json.dumps({"rank": rank, "served": model.served, "metrics": metrics}), flush=True)
+# One file per rank: two ranks printing at once can interleave their lines.
+(out_dir.parent / f"result_rank{rank}.json").write_text(json.dumps({"rank": rank, "served": model.served, "metrics": metrics}))
 dist.destroy_process_group()

@@ -18,6 +18,7 @@ def demo_run(demo_sources, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     sources = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
     overrides = [f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(sources)]
+    overrides += [f"eval.sources.{i}.path={demo_sources / 'val' / s}" for i, s in enumerate(sources)]
     overrides += [f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=2", "data.num_workers=1"]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -34,9 +35,17 @@ def test_both_ranks_ran_and_replicas_are_identical(demo_run):
     assert len(digests) == 2 and digests[0] == digests[1] and summary["replicas_in_sync"]
 
 
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "lr" in r]
+    evaluation = [r for r in rows if "eval/images" in r]
+    assert len(train) + len(evaluation) == len(rows)
+    return train, evaluation
+
+
 def test_metrics_jsonl_has_every_task(demo_run):
     run_dir, _ = demo_run
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = _rows(run_dir)
     assert [r["step"] for r in rows] == [2, 4, 6]
     for task in TASKS:
         assert all(f"weight/{task}" in r for r in rows)
@@ -48,12 +57,26 @@ def test_metrics_jsonl_has_every_task(demo_run):
 def test_offline_wandb_run_holds_the_same_losses(demo_run):
     run_dir, _ = demo_run
     history = read_history(find_run_file(run_dir))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [h["_step"] for h in history] == [r["step"] for r in rows]
-    for h, r in zip(history, rows):
+    rows, evaluation = _rows(run_dir)
+    train_history = [h for h in history if "lr" in h]
+    assert [h["_step"] for h in train_history] == [r["step"] for r in rows]
+    assert any("val/shapes_instances/bbox/AP" in h for h in history)
+    for h, r in zip(train_history, rows):
         for key, value in r.items():
             if key.startswith("loss/"):
                 assert h[key] == pytest.approx(value), key
+
+
+def test_end_of_run_evaluation_is_logged_and_tracks_the_best_checkpoint(demo_run):
+    run_dir, _ = demo_run
+    _, evaluation = _rows(run_dir)
+    (row,) = evaluation
+    assert row["step"] == STEPS and row["eval/images"] == 4 * 8  # 8 val images per demo source
+    for key in ("val/shapes_instances/bbox/AP", "val/shapes_keypoints/keypoints/AP",
+                "val/shapes_semantic/semantic/mIoU", "val/shapes_classes/classification/top1"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert (run_dir / "eval" / f"step_{STEPS}" / "summary.json").is_file()
+    assert (run_dir / "checkpoints" / "best").resolve().name == f"step_{STEPS}"
 
 
 def test_final_checkpoint_is_sharded_and_latest(demo_run):

@@ -7,9 +7,19 @@ import math
 import os
 from pathlib import Path
 
+from data_pipelines.manifest import load_manifest
 from trainer.evaluation.config import EvalConfig
 
 BEST_NAME = "best.json"
+
+
+def check_best_metric_source(cfg: EvalConfig) -> None:
+    """``eval.best_metric`` names a configured validation source (``val/<source>/...``)."""
+    names = [load_manifest(s.path).name for s in cfg.sources]
+    source = (cfg.best_metric or "").split("/")[1:2]
+    if not source or source[0] not in names:
+        raise ValueError(f"eval.best_metric {cfg.best_metric!r}: expected val/<source>/<metric> "
+                         f"with <source> one of the eval sources {names}")
 
 
 class BestMetricTracker:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
+from data_pipelines.schema import TASKS
 
 # COCOeval iouType of each instance-level task.
 IOU_TYPES: dict[str, str] = {"detection": "bbox", "instance_mask": "segm", "keypoints": "keypoints"}
@@ -24,6 +25,7 @@ class SourceSpec:
     semantic_classes: list[int] | None  # the source's label-space indices; None: not scored
     image_classes: list[int] | None
     num_semantic_classes: int  # label-space size, the confusion matrix side
+    tasks: tuple[str, ...] = ()  # the model heads this source is scored on
 
 
 def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
@@ -55,6 +57,7 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
         semantic_classes=label_space.semantic_remap[manifest.name] if "semantic" in tasks else None,
         image_classes=label_space.class_remap[manifest.name] if "classification" in tasks else None,
         num_semantic_classes=len(label_space.semantic_classes),
+        tasks=tuple(t for t in TASKS if t in tasks),
     )
 
 

@@ -17,7 +17,7 @@ def test_two_ranks_evaluate_each_image_exactly_once(tiny, tmp_path):
         nproc=2, timeout=180, env={"PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result_rank*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     served = [r["served"] for r in results]
     total = NUM_IMAGES * len(SOURCES)  # odd

@@ -30,7 +30,7 @@ def run(tiny, tmp_path_factory):
     overrides = [
         f"run.dir={run_dir}", f"data.sources={sources}", f"eval.sources={sources}", "eval.num_workers=0",
         "data.num_workers=0", "data.transforms.image_size=64", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
-        "wandb.mode=disabled", "checkpoint.resume=never",
+        "wandb.mode=disabled", "checkpoint.resume=never", "eval.best_metric=val/tiny_instances/bbox/AP",
     ]
     proc = _polytask("train", "configs/demo_cpu.yaml", *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
