@@ -1,11 +1,12 @@
-"""Trainer step time vs a bare PyTorch loop: same model, batches and optimizer, one process.
+"""Trainer step time vs a bare PyTorch loop: same model, batches and optimizer.
 
-The trainer step adds DDP (world size 1, gloo), the global loss normalisation all-reduce,
-gradient clipping and the LR schedule; the bare loop is model -> sum of losses ->
-backward -> AdamW step. Rounds alternate between the two so that machine noise hits
-both alike; the ratio of medians is printed.
+The trainer step adds the global loss normalisation all-reduce, gradient clipping and
+the LR schedule; the bare loop is (DDP-wrapped when there are several ranks) model ->
+sum of losses -> backward -> AdamW step. Rounds alternate between the two so that
+machine noise hits both alike; the ratio of medians is printed by rank 0.
 
-    .venv/bin/python bench/step_overhead.py [--steps 20] [--rounds 5]
+    .venv/bin/python bench/step_overhead.py [--steps 20] [--rounds 5]        # one process
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/step_overhead.py --threads 1
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,15 +42,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    # Every rank makes the same demo data in its own directory (deterministic, seconds).
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
         overrides = [f"data.sources.{i}.path={root / 'shards' / 'train' / s}" for i, s in enumerate(SOURCES)]
         overrides += [f"run.dir={root / 'run'}", "wandb.mode=disabled", "data.num_workers=0",
-                      "trainer.max_steps=100000", "checkpoint.resume=never"]
+                      "trainer.max_steps=100000", "checkpoint.resume=never", "eval.sources=[]", "eval.best_metric=null"]
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml", overrides)
 
-        os.environ.pop("RANK", None)
         dist_info = init_distributed(device="cpu")
         trainer = Trainer(cfg, dist_info)
         it = iter(trainer.loader)
@@ -58,6 +60,8 @@ def main() -> None:
         bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes())
         bare.load_state_dict(trainer.backend.module.state_dict())
         bare_opt = build_optimizer(bare, cfg.optim)
+        if dist_info.world_size > 1:
+            bare = DistributedDataParallel(bare)
 
         def bare_round() -> float:
             t0 = time.perf_counter()
@@ -83,7 +87,10 @@ def main() -> None:
         trainer.metrics.close()
         shutdown_distributed()
 
+    if dist_info.rank != 0:
+        return
     b, t = statistics.median(bare_t), statistics.median(trainer_t)
+    print(f"world size {dist_info.world_size}")
     print(f"bare loop    : {b * 1000:8.1f} ms/step (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"trainer step : {t * 1000:8.1f} ms/step")
     print(f"ratio trainer/bare: {t / b:.3f}  (target <= 1.10)")

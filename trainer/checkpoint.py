@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +40,14 @@ class CheckpointConfig:
     keep_last: int = 2
     # "auto": continue from checkpoints/latest when present; "never"; or a checkpoint path.
     resume: str = "auto"
+    # DDP only: write in a background thread while training goes on; the checkpoint becomes
+    # `latest` at the first step boundary after every rank finished writing.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META_NAME = "meta.json"
@@ -52,21 +58,49 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.is_main = is_main
+        self._pending: tuple[int, Path, dict[str, Any], Future, float] | None = None
 
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
 
-    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    def save(self, step: int, write: Callable[[Path], Future | None], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it; ``write(dir)`` writes this rank's part of the
-        checkpoint into ``dir`` (e.g. :func:`write_dcp`). Returns the final path."""
+        checkpoint into ``dir`` (e.g. :func:`write_dcp`), or starts writing it and returns a
+        future (async save): then the checkpoint is finalised by a later :meth:`poll`.
+        Returns the final path."""
+        self.poll(wait=True)  # one save in flight at a time
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
-        write(partial)
+        started = time.perf_counter()
+        future = write(partial)
+        if future is None:
+            self._finalize(step, partial, meta)
+        else:
+            self._pending = (step, partial, meta, future, started)
+        return final
+
+    def poll(self, *, wait: bool = False) -> None:
+        """Finalise a pending async save once every rank's write is done (collective: call
+        it at the same step on every rank; ``wait`` blocks until then)."""
+        if self._pending is None:
+            return
+        step, partial, meta, future, started = self._pending
+        done = torch.tensor([1 if (wait or future.done()) else 0])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank agrees on when
+        if not done.item():
+            return
+        future.result()  # re-raises a failed write
+        self._pending = None
+        self._finalize(step, partial, meta)
+        log.info("async checkpoint step_%d written in the background in %.1f s", step, time.perf_counter() - started)
+
+    def _finalize(self, step: int, partial: Path, meta: dict[str, Any]) -> None:
         dist.barrier()  # every rank's shard is on disk
+        final = self.root / f"step_{step}"
         if self.is_main:
             _write_json_durably(partial / META_NAME, {"step": step, **meta})
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -76,7 +110,11 @@ class Checkpointer:
             self._prune()
             log.info("checkpoint saved: %s", final)
         dist.barrier()
-        return final
+
+    def has_step(self, step: int) -> bool:
+        """A checkpoint of ``step`` is complete or being written in the background."""
+        pending = self._pending is not None and self._pending[0] == step
+        return pending or (self.root / f"step_{step}" / META_NAME).is_file()
 
     def latest(self) -> Path | None:
         link = self.root / "latest"
@@ -126,6 +164,13 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 def write_dcp(state: dict[str, Any], directory: Path) -> None:
     """This rank's part of ``state`` into ``directory`` (collective)."""
     dcp.save(state, checkpoint_id=str(directory))
+
+
+def write_dcp_async(state: dict[str, Any], directory: Path, *, process_group: dist.ProcessGroup) -> Future:
+    """Like :func:`write_dcp`, but the state is copied to host memory and written by a
+    background thread; its collectives use ``process_group`` (a gloo group of its own, so
+    they never interleave with the training's)."""
+    return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
 
 
 def read_dcp(state: dict[str, Any], directory: str | Path) -> None:

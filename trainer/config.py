@@ -64,6 +64,8 @@ class JobConfig:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
 
     def __post_init__(self) -> None:
+        if self.checkpoint.async_save and self.trainer.backend != "ddp":
+            raise ValueError("checkpoint.async_save is implemented for trainer.backend=ddp only")
         if self.balancer.name != "static" and self.trainer.grad_accum_steps > 1:
             # A dynamic balancer needs the step's global statistics before its backward pass.
             raise ValueError("balancer.name other than 'static' needs trainer.grad_accum_steps=1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+from trainer.checkpoint import CheckpointLoadError
 from trainer.config import JobConfig
 from trainer.distributed import init_distributed, setup_rank_logging, shutdown_distributed
 from trainer.train_loop import Trainer
@@ -18,7 +19,11 @@ def run_training(cfg: JobConfig) -> int:
     dist_info = init_distributed(device=cfg.trainer.device, timeout_s=cfg.trainer.dist_timeout_s)
     log.info("world size %d, device %s", dist_info.world_size, dist_info.device)
     try:
-        trainer = Trainer(cfg, dist_info)
+        try:
+            trainer = Trainer(cfg, dist_info)
+        except CheckpointLoadError as e:  # a user error: the message says it all, no traceback
+            log.error("%s", e)
+            return 2
         trainer.train()
         if trainer.preempted:  # checkpointed for a Slurm requeue: unfinished, so no summary
             trainer.metrics.close()  # flush W&B; the requeued job continues the same run id

@@ -28,7 +28,7 @@ from data_pipelines.schema import Batch
 from models import build_model
 from trainer.backends import build_backend
 from trainer.balancing import LossBalancing
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, CheckpointLoadError
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
@@ -90,7 +90,7 @@ class Trainer:
         self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=self.loss_weights,
                                        world_size=dist_info.world_size)
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
-                                     micro_batch_size=cfg.data.batch_size)
+                                     micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save)
         self.step = 0
         self._data_iter: Iterator[Batch] | None = None
         self._loss_rows: list[tuple[int, dict[str, float]]] = []  # (step, loss/*) per log line
@@ -146,6 +146,14 @@ class Trainer:
         meta = self.checkpointer.read_meta(path)
         old_world = int(meta.get("world_size", self.dist.world_size))
         same_world = old_world == self.dist.world_size
+        backend = self.cfg.trainer.backend
+        if meta.get("backend", "ddp") != backend:
+            raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
+        if backend == "deepspeed" and not same_world:
+            # ZeRO partitions optimizer state by world size; DeepSpeed's universal-checkpoint
+            # conversion (ds_to_universal) is not wired in (see the README).
+            raise CheckpointLoadError(f"{path}: a DeepSpeed ZeRO checkpoint of {old_world} ranks resumes on "
+                                      f"{old_world} ranks only (this job has {self.dist.world_size})")
         extra = self._extra_state(data_ranks=None if same_world else old_world)
         if not same_world:
             extra.pop("rng")  # per-rank RNG belongs to the old layout of ranks; reseeded below
@@ -248,6 +256,7 @@ class Trainer:
                 self._loss_rows.append((self.step, {k: v for k, v in row.items() if k.startswith("loss/")}))
                 progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")})
                 window = _LogWindow(len(self.tasks), self.device)
+            self.checkpointer.poll(wait=last)  # finalise a background save once all ranks wrote it
             if self.checkpointer.should_save(self.step, last=last):
                 self.save_checkpoint()
             if self.cfg.eval.due(self.step, last=last):
@@ -255,6 +264,7 @@ class Trainer:
             if not last and self.preemption.requested():  # collective: every rank stops here
                 self._checkpoint_and_stop()
                 break
+        self.checkpointer.poll(wait=True)  # the last checkpoint is complete before we return
         progress.close()
 
     def _checkpoint_and_stop(self) -> None:
@@ -262,6 +272,7 @@ class Trainer:
         save this step unless the loop just did, then tell the batch script."""
         if not self.checkpointer.should_save(self.step, last=False):
             self.save_checkpoint()
+        self.checkpointer.poll(wait=True)  # on disk before the batch script may requeue
         self.preemption.acknowledge(self.step)
         self.preempted = True
         log.info("checkpointed at step %d on request (%s); stopping for a requeue", self.step, self.preemption.request)
@@ -276,8 +287,9 @@ class Trainer:
         self.metrics.log(self.step, metrics)
         self._last_eval = {"step": self.step, **metrics}
         if self.best is not None and self.best.update(self.step, metrics):
-            if self.checkpointer.latest() != (self.checkpointer.root / f"step_{self.step}").resolve():
+            if not self.checkpointer.has_step(self.step):
                 self.save_checkpoint()  # the best step must have a checkpoint to point at
+            self.checkpointer.poll(wait=True)
             self.checkpointer.mark_best(self.step)
         return metrics
 

@@ -50,6 +50,7 @@ def _losses_by_step(run_dir):
 
 BACKENDS = {
     "ddp": ["trainer.backend=ddp"],
+    "ddp_async_save": ["trainer.backend=ddp", "checkpoint.async_save=true"],
     "zero2": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2"],
 }
 

@@ -14,11 +14,11 @@ if TYPE_CHECKING:  # trainer.config composes every component's config, backends 
 
 
 def build_backend(cfg: "TrainerConfig", model: nn.Module, *, optim: OptimConfig, device: torch.device,
-                  micro_batch_size: int) -> TrainBackend:
+                  micro_batch_size: int, async_save: bool = False) -> TrainBackend:
     if cfg.backend == "ddp":
         from trainer.backends.ddp import DDPBackend
 
-        return DDPBackend(model, optim=optim, max_steps=cfg.max_steps, device=device)
+        return DDPBackend(model, optim=optim, max_steps=cfg.max_steps, device=device, async_save=async_save)
     if cfg.backend == "deepspeed":
         from trainer.backends.deepspeed_backend import DeepSpeedBackend
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class TrainBackend(ABC):
     def lr(self) -> float: ...
 
     @abstractmethod
-    def save(self, directory: Path, extra: dict[str, Any]) -> None: ...
+    def save(self, directory: Path, extra: dict[str, Any]) -> Future | None:
+        """Write this rank's part; or start writing it and return a future (async save)."""
 
     @abstractmethod
     def load(self, directory: Path, extra: dict[str, Any]) -> None: ...

@@ -2,27 +2,32 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backends.base import TrainBackend
-from trainer.checkpoint import read_dcp, write_dcp
+from trainer.checkpoint import read_dcp, write_dcp, write_dcp_async
 from trainer.optim import OptimConfig, build_optimizer, build_scheduler
 
 
 class DDPBackend(TrainBackend):
-    def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device,
+                 async_save: bool = False) -> None:
         # Every head takes part in every forward (exact zeros for absent tasks), so no
         # find_unused_parameters graph walk is needed.
         self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
         self.grad_clip = optim.grad_clip
+        # Created on every rank in the same order (a collective); used by background writes.
+        self._save_group = dist.new_group(backend="gloo") if async_save else None
 
     @property
     def module(self) -> nn.Module:
@@ -49,8 +54,11 @@ class DDPBackend(TrainBackend):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), **extra}
 
-    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+    def save(self, directory: Path, extra: dict[str, Any]) -> Future | None:
+        if self._save_group is not None:
+            return write_dcp_async(self._state(extra), directory, process_group=self._save_group)
         write_dcp(self._state(extra), directory)
+        return None
 
     def load(self, directory: Path, extra: dict[str, Any]) -> None:
         state = self._state(extra)
