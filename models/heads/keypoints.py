@@ -7,11 +7,9 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.roi_heads import keypointrcnn_inference, keypointrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign
 
-from models.backbone import FPN_STRIDES
-from models.heads.base import Features, TaskHead, zero_loss
-from models.heads.instances import sample_rois, trainable_instances
+from models.heads.base import Features
+from models.heads.instances import RoICascadeHead, trainable_instances
 from models.heads.registry import register_head
 
 if TYPE_CHECKING:
@@ -29,39 +27,17 @@ def _with_keypoints(target: dict[str, Tensor]) -> Tensor:
 
 
 @register_head("keypoints")
-class KeypointHead(TaskHead):
+class KeypointHead(RoICascadeHead):
     def __init__(self, *, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        # Pooling from every level keeps all FPN parameters in the graph, as in the mask head.
-        self.roi_pool = MultiScaleRoIAlign(list(FPN_STRIDES), output_size=cfg.keypoint_roi_size, sampling_ratio=2)
-        self.keypoint_head = KeypointRCNNHeads(in_channels, [in_channels] * cfg.keypoint_head_convs)
+        super().__init__(roi_size=cfg.keypoint_roi_size, max_rois_per_image=cfg.max_rois_per_image)
+        self.head = KeypointRCNNHeads(in_channels, [in_channels] * cfg.keypoint_head_convs)
         self.predictor = KeypointRCNNPredictor(in_channels, num_classes)  # heatmaps 4x the RoI size
-        self.max_rois_per_image = cfg.max_rois_per_image
 
-    def _logits(self, features: Features, boxes: list[Tensor], image_size: tuple[int, int]) -> Tensor:
-        pooled = self.roi_pool(features, boxes, [image_size] * len(boxes))
-        return self.predictor(self.keypoint_head(pooled))
+    _eligible = staticmethod(_with_keypoints)
 
-    def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
-    ) -> tuple[Tensor, int]:
-        chosen, boxes = sample_rois(
-            targets, labelled, eligible=_with_keypoints, max_per_image=self.max_rois_per_image
-        )
-        # With no RoI at all the heads run on an empty batch, which keeps every parameter
-        # in the graph with zero gradients.
-        logits = self._logits(features, boxes, image_size)
-        num_labelled = int(labelled.sum())
-        if logits.shape[0] == 0:
-            return zero_loss(logits), num_labelled
-        used = [b for b, i in enumerate(chosen) if i.numel()]
-        loss = keypointrcnn_loss(
-            logits,
-            [boxes[b] for b in used],
-            [_torchvision_keypoints(targets[b]) for b in used],
-            [chosen[b] for b in used],
-        )
-        return loss, num_labelled
+    def _roi_loss(self, logits: Tensor, boxes: list[Tensor], targets: list[dict[str, Tensor]],
+                  chosen: list[Tensor]) -> Tensor:
+        return keypointrcnn_loss(logits, boxes, [_torchvision_keypoints(t) for t in targets], chosen)
 
     @torch.no_grad()
     def predict(

@@ -116,7 +116,7 @@ def test_crowd_instances_do_not_change_loss(task: str) -> None:
 def test_roi_heads_cap_rois_per_image() -> None:
     head = build("instance_mask")
     seen = []
-    head.mask_head.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[0]))
+    head.head.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[0]))
     head_loss(head, features(2), [make_target(0, num_instances=7), make_target(1, num_instances=2)], [True, True])
     assert seen == [CFG.max_rois_per_image + 2]
 
