@@ -92,8 +92,8 @@ def _launch(args: argparse.Namespace) -> int:
         from launcher import slurm
 
         slurm_job = slurm.SlurmJob.from_env()
-        # Every node and the batch shell compute the same absolute run.dir and pass it on.
-        overrides.append(f"run.dir={slurm.run_dir(args.config, overrides, slurm_job)}")
+        # Every node and the batch shell compute the same overrides and pass them on.
+        overrides += slurm.job_overrides(args.config, overrides, slurm_job)
     cfg = load_config(args.config, overrides)  # fail here, before any process is spawned
     if args.print_run_dir:
         print(Path(cfg.run.dir).absolute())

@@ -13,7 +13,10 @@ works out:
   this node (``SLURM_GPUS_ON_NODE``), else 1;
 - the run directory: ``run.dir`` from the config or the overrides, else
   ``<submit dir>/runs/<job name>-<job id>`` (the job id survives a requeue, so a requeued
-  job finds its own checkpoints).
+  job finds its own checkpoints); a requeued job resumes from them (``job_overrides``).
+
+The batch shell asks the same question first (``--print-run-dir``), which also validates
+the config before any node starts.
 """
 from __future__ import annotations
 
@@ -44,16 +47,16 @@ class SlurmJob:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SlurmJob:
-        if "SLURM_JOB_ID" not in env:
-            raise ConfigError("--slurm: not inside a Slurm job (no SLURM_JOB_ID); "
-                              "submit with `sbatch slurm/train.sbatch CONFIG [key=value ...]`")
-
         def opt_int(key: str) -> int | None:
             value = env.get(key, "").strip()
             return int(value) if value.isdigit() else None
 
+        job_id = opt_int("SLURM_JOB_ID")
+        if job_id is None:
+            raise ConfigError("--slurm: not inside a Slurm job (no SLURM_JOB_ID); "
+                              "submit with `sbatch slurm/train.sbatch CONFIG [key=value ...]`")
         return cls(
-            job_id=int(env["SLURM_JOB_ID"]),
+            job_id=job_id,
             job_name=env.get("SLURM_JOB_NAME", "polytask"),
             nodelist=env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
             num_nodes=opt_int("SLURM_JOB_NUM_NODES") or opt_int("SLURM_NNODES") or 1,
@@ -80,13 +83,28 @@ def run_dir(config: str | Path, overrides: list[str], job: SlurmJob) -> Path:
     return (job.submit_dir / "runs" / f"{job.job_name}-{job.job_id}").absolute()
 
 
+def job_overrides(config: str | Path, overrides: list[str], job: SlurmJob) -> list[str]:
+    """What a Slurm job adds to the user's overrides: the absolute run directory, and for a
+    requeued instance (``SLURM_RESTART_COUNT`` > 0) whose run has a checkpoint,
+    ``checkpoint.resume=auto``: it continues its own run, even where the first instance
+    started from a given checkpoint (``checkpoint.resume=PATH``) or from scratch (``never``)."""
+    directory = run_dir(config, overrides, job)
+    extra = [f"run.dir={directory}"]
+    if job.restart_count > 0 and (directory / "checkpoints" / "latest").exists():
+        extra.append("checkpoint.resume=auto")
+    return extra
+
+
 def _scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
 def first_node_address(nodelist: str) -> str:
     """Where the other nodes reach the first node: Slurm's ``NodeAddr`` for it."""
-    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    if not hosts:
+        raise OSError(f"no node in {nodelist!r}")
+    first = hosts[0]
     for field in _scontrol("show", "node", "-o", first).split():
         key, _, value = field.partition("=")
         if key == "NodeAddr" and value:

@@ -59,6 +59,7 @@ class Checkpointer:
         self.cfg = cfg
         self.is_main = is_main
         self._pending: tuple[int, Path, dict[str, Any], Future, float] | None = None
+        self._saved_step: int | None = None
 
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
@@ -77,6 +78,7 @@ class Checkpointer:
         dist.barrier()
         started = time.perf_counter()
         future = write(partial)
+        self._saved_step = step
         if future is None:
             self._finalize(step, partial, meta)
         else:
@@ -112,9 +114,9 @@ class Checkpointer:
         dist.barrier()
 
     def has_step(self, step: int) -> bool:
-        """A checkpoint of ``step`` is complete or being written in the background."""
-        pending = self._pending is not None and self._pending[0] == step
-        return pending or (self.root / f"step_{step}" / META_NAME).is_file()
+        """This job saved (or is saving) ``step``. From memory, not the filesystem, so every
+        rank gives the same answer (a shared filesystem may show a rename late)."""
+        return self._saved_step == step
 
     def latest(self) -> Path | None:
         link = self.root / "latest"

@@ -27,6 +27,8 @@ def run_training(cfg: JobConfig) -> int:
         trainer.train()
         if trainer.preempted:  # checkpointed for a Slurm requeue: unfinished, so no summary
             trainer.metrics.close()  # flush W&B; the requeued job continues the same run id
+            if trainer.audit is not None:
+                trainer.audit.close()
             return 0
         summary = trainer.finish()
         return 0 if summary["replicas_in_sync"] else 1
