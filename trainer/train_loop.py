@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,16 @@ from trainer.rng_state import get_rng_state, set_rng_state
 from trainer.task_losses import global_task_counts, local_task_counts, scale_task_losses
 
 log = logging.getLogger(__name__)
+
+
+def git_commit() -> str | None:
+    """The commit of the polytask checkout that runs (recorded with the run), if any."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +124,7 @@ class Trainer:
                      self.slurm["restart_count"], self.slurm["nodelist"])
         self.preemption = PreemptionFlag(self.run_dir, local_rank=dist_info.local_rank)
         self.preempted = False
-        wandb_config = {**to_dict(cfg), **({"slurm": self.slurm} if self.slurm else {})}
+        wandb_config = {**to_dict(cfg), "git_commit": git_commit(), **({"slurm": self.slurm} if self.slurm else {})}
         self.metrics = MetricsLogger(
             run_dir=self.run_dir, cfg=cfg.wandb, config=wandb_config,
             enabled=dist_info.is_main, run_id=wandb_run_id,
@@ -345,7 +356,7 @@ class Trainer:
         digests = self.replica_digests()
         summary = {"step": self.step, "world_size": self.dist.world_size, "replica_digests": digests,
                    "replicas_in_sync": len(set(digests)) == 1, "wandb_run_id": self.metrics.run_id,
-                   "losses": self._loss_trend(), "eval": self._last_eval}
+                   "losses": self._loss_trend(), "eval": self._last_eval, "git_commit": git_commit()}
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             for name, trend in summary["losses"].items():

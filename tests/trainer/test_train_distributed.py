@@ -33,6 +33,8 @@ def test_both_ranks_ran_and_replicas_are_identical(demo_run):
     assert summary["step"] == STEPS and summary["world_size"] == 2
     digests = summary["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1] and summary["replicas_in_sync"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert summary["git_commit"] == head
 
 
 def _rows(run_dir):
