@@ -5,16 +5,19 @@
 optimizer and LR-schedule state for every method. Each method runs ``Trainer.train_step``
 with ``trainer.balancing`` swapped for that method (a fresh balancer, and the initial state
 restored, at the start of every round); rounds go round-robin over the methods (the order
-rotated each round) so that machine noise hits all alike, and the median of the rounds'
-ms/step is reported. Ratios are medians ÷ the median of balancer ``equal`` run through the
-balanced path (``_balanced_step``: what every dynamic method pays besides its own
-statistics); ``static`` is the static path (``_static_step``) with equal weights, shown
+rotated each round) so that machine noise hits all alike; the median (and the fastest) of
+the rounds' ms/step is reported. Ratios are medians ÷ the median of balancer ``equal`` run
+through the balanced path (``_balanced_step``: what every dynamic method pays besides its
+own statistics); ``static`` is the static path (``_static_step``) with equal weights, shown
 beside it. Targets (issue "Speed and quality"): gradient methods in ``representation`` mode
-≤ 1.15×, FAMO / uncertainty / DWA ≤ 1.03×; ``parameters`` mode is reported only.
+≤ 1.15×, FAMO / uncertainty / DWA ≤ 1.03×; ``parameters`` mode is reported only. One torch
+thread by default (``--threads``): see the note at the option.
 
 ``quality``: per (method, seed), the demo task set trained in-process for ``--steps``
 steps (``polytask train`` equivalent: a :class:`Trainer`, ``train()``, ``finish()`` with
-its end-of-run evaluation on the demo validation split, ``eval.max_images`` per source);
+its end-of-run evaluation on the demo validation split: all of it by default, since
+``eval.max_images`` takes the first N in manifest order and the ImageFolder-converted
+classification split is sorted by class, so a prefix is nearly one class);
 then the per-task validation *loss* of the final model, averaged over the labelled samples
 of the same fixed validation batches for every method. Δm relative to equal weighting
 (Maninis et al. 2019; Liu et al. 2021):
@@ -25,9 +28,12 @@ better). Negative Δm = better than equal weighting. Each (method, seed) result 
 ``<out>/<method>_<seed>.json`` and skipped when present, so the study can run in pieces; the
 table covers every result in ``--out`` with the same ``--steps`` and ``--mode``.
 
-    .venv/bin/python bench/balancing.py speed [--steps 6] [--rounds 3] [--methods equal famo ...]
-    .venv/bin/python bench/balancing.py quality [--steps 60] [--seeds 0 1] \\
+    .venv/bin/python bench/balancing.py speed [--steps 4] [--rounds 6] [--methods equal famo ...]
+    .venv/bin/python bench/balancing.py quality [--steps 300] [--seeds 0 1] \\
         [--methods equal gradnorm pcgrad mgda nash_mtl famo] [--out runs/bench_balancing]
+
+In pieces: ``quality --methods equal gradnorm``, then ``--methods pcgrad mgda`` ...; each
+prints the table of everything in ``--out`` so far (``equal`` first: it is the reference).
 """
 from __future__ import annotations
 
@@ -106,8 +112,7 @@ def method_configs(methods: list[str]) -> list[tuple[str, str]]:
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; expected some of {ALL_METHODS}")
-    if "equal" not in methods:
-        methods = ["equal", *methods]  # the denominator
+    methods = ["static", "equal", *methods]  # the denominators: in every run
     ordered = [m for m in ALL_METHODS if m in methods]
     pairs = [(m, "representation") for m in ordered]
     pairs += [(m, "parameters") for m in ordered if m in GRADIENT_METHODS]
@@ -167,34 +172,35 @@ def run_speed(args: argparse.Namespace) -> None:
             shutdown_distributed()
 
     median = {c: statistics.median(t) for c, t in times.items()}
-    equal = median[("equal", "representation")]
-    static = median.get(("static", "representation"))
-    print(f"\nStep time, median of {args.rounds} rounds x {args.steps} steps (same batches, same initial "
-          f"state), {args.threads} threads, world size 1 (gloo).")
-    print("Denominator: balancer `equal` through the balanced path (_balanced_step); "
-          "`static` = static path (_static_step), equal weights.")
-    print(f"{'method':12s} {'mode':15s} {'ms/step':>9s} {'min-max':>15s} {'/equal':>7s} {'/static':>8s} "
-          f"{'target':>7s}  ok")
+    fastest = {c: min(t) for c, t in times.items()}
+    equal, static = ("equal", "representation"), ("static", "representation")
+    print(f"\nStep time per method: median (and min, max) over {args.rounds} rounds of {args.steps} steps; same "
+          f"batches and initial state; {args.threads} thread(s), world size 1 (gloo).")
+    print("/equal = median / median of balancer `equal` through the balanced path (_balanced_step): the "
+          "denominator of the targets; /equal(min) = the same with the fastest rounds; /static = median / "
+          "median of the static path (_static_step, equal weights).")
+    print(f"{'method':12s} {'mode':15s} {'ms/step':>8s} {'min':>7s} {'max':>7s} {'/equal':>7s} {'/equal(min)':>11s} "
+          f"{'/static':>7s} {'target':>7s}  ok")
     for method, mode in configs:
-        t = median[(method, mode)]
-        lo, hi = min(times[(method, mode)]), max(times[(method, mode)])
+        c = (method, mode)
+        ratio = median[c] / median[equal]
         target = speed_target(method, mode)
-        shown_mode = mode if method in GRADIENT_METHODS else "-"
-        ratio_static = f"{t / static:8.3f}" if static else f"{'-':>8s}"
-        verdict = "" if target is None else ("yes" if t / equal <= target else "NO")
+        verdict = "" if target is None else ("yes" if ratio <= target else "NO")
         target_text = f"<={target:.2f}" if target else ("report" if mode == "parameters" else "-")
-        print(f"{method:12s} {shown_mode:15s} {t * 1000:9.1f} {lo * 1000:7.1f}-{hi * 1000:<7.1f} "
-              f"{t / equal:7.3f} {ratio_static} {target_text:>7s}  {verdict}")
+        print(f"{method:12s} {mode if method in GRADIENT_METHODS else '-':15s} {median[c] * 1000:8.1f} "
+              f"{fastest[c] * 1000:7.1f} {max(times[c]) * 1000:7.1f} {ratio:7.3f} {fastest[c] / fastest[equal]:11.3f} "
+              f"{median[c] / median[static]:7.3f} {target_text:>7s}  {verdict}")
 
 
 # --- quality ----------------------------------------------------------------------------
 def quality_overrides(shards: Path, run_dir: Path, *, method: str, mode: str, seed: int, steps: int,
-                      eval_images: int) -> list[str]:
+                      eval_images: int | None) -> list[str]:
     overrides = base_overrides(shards, run_dir)
     overrides += [f"eval.sources.{i}.path={shards / 'val' / s}" for i, s in enumerate(SOURCES)]
     return overrides + [f"balancer.name={method}", f"balancer.mode={mode}", f"run.seed={seed}",
                         f"data.seed={seed}", f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
-                        f"eval.max_images={eval_images}", "eval.num_workers=0", "checkpoint.every=0"]
+                        f"eval.max_images={'null' if eval_images is None else eval_images}",
+                        "eval.num_workers=0", "checkpoint.every=0"]
 
 
 def validation_batches(shards: Path, cfg: JobConfig, trainer: Trainer, *, count: int, batch_size: int
@@ -236,7 +242,7 @@ def validation_losses(trainer: Trainer, batches: list[Batch]) -> dict[str, float
 
 
 def train_one(shards: Path, tmp: Path, dist_info: DistInfo, *, method: str, mode: str, seed: int, steps: int,
-              eval_images: int, val_count: int, val_batch_size: int) -> dict[str, Any]:
+              eval_images: int | None, val_count: int, val_batch_size: int) -> dict[str, Any]:
     run_dir = tmp / f"{method}_{seed}"
     cfg = load_config(CONFIG, quality_overrides(shards, run_dir, method=method, mode=mode, seed=seed,
                                                 steps=steps, eval_images=eval_images))
@@ -261,28 +267,32 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def delta_m(values: dict[str, float], reference: dict[str, float], *, higher_is_better: bool) -> tuple[float, int]:
-    """Δm in % over the tasks both have (and with a nonzero reference); and how many."""
-    terms = []
+def delta_m(values: dict[str, float | None], reference: dict[str, float | None], *, higher_is_better: bool,
+            floor: float = 0.0) -> tuple[float, list[str]]:
+    """Δm in % over the tasks both have whose reference is above ``floor`` (a relative change
+    from a reference near 0 is noise: AP 0.001 -> 0.004 would count as +300 %); and those tasks."""
+    terms, used = [], []
     for task, ref in reference.items():
         value = values.get(task)
-        if value is None or ref is None or ref == 0 or not math.isfinite(ref):
+        if value is None or ref is None or not math.isfinite(ref) or abs(ref) <= floor:
             continue
         sign = -1.0 if higher_is_better else 1.0
         terms.append(sign * (value - ref) / abs(ref))
-    return (100.0 * statistics.fmean(terms) if terms else float("nan")), len(terms)
+        used.append(task)
+    return (100.0 * statistics.fmean(terms) if terms else float("nan")), used
 
 
-def load_results(out: Path, *, steps: int, mode: str) -> dict[str, dict[int, dict[str, Any]]]:
+def load_results(out: Path, *, steps: int, mode: str, eval_images: int | None) -> dict[str, dict[int, dict[str, Any]]]:
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted(out.glob("*.json")):
         r = json.loads(path.read_text())
-        if r.get("steps") == steps and r.get("mode") == mode:
+        if (r.get("steps"), r.get("mode"), r.get("eval_max_images")) == (steps, mode, eval_images):
             results.setdefault(r["method"], {})[int(r["seed"])] = r
     return results
 
 
-def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str], *, steps: int, mode: str) -> None:
+def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str], *, steps: int, mode: str,
+                  metric_floor: float) -> None:
     if "equal" not in results:
         print("no `equal` results yet: nothing to compare against")
         return
@@ -295,9 +305,8 @@ def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str
     short = {"detection": "det", "instance_mask": "mask", "keypoints": "kpt", "semantic": "sem",
              "classification": "cls"}
 
-    def table(kind: str, higher: bool, fmt: str) -> None:
+    def table(kind: str, higher: bool, fmt: str, floor: float) -> None:
         head = " ".join(f"{short.get(t, t):>15s}" for t in tasks)
-        print(f"\n{kind}: {'higher' if higher else 'lower'} is better")
         print(f"{'method':12s} {'seeds':>6s} {head}  {'Δm %':>7s}  per-seed Δm")
         means_eq = {}
         for t in tasks:
@@ -315,19 +324,28 @@ def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str
                     cells.append(f"{mu:{fmt}}±{sd:<{fmt}}".rstrip().rjust(15))
                 else:
                     cells.append(f"{'-':>15s}")
-            dm, used = delta_m(means, means_eq, higher_is_better=higher)
-            paired = [delta_m(per[s][kind], results["equal"][s][kind], higher_is_better=higher)[0]
+            dm, used = delta_m(means, means_eq, higher_is_better=higher, floor=floor)
+            # per seed: over the same tasks as the mean's Δm, the floor applied to that seed's reference
+            paired = [delta_m({t: per[s][kind].get(t) for t in used},
+                              {t: results["equal"][s][kind].get(t) for t in used}, higher_is_better=higher,
+                              floor=floor)[0]
                       for s in sorted(per) if s in results["equal"]]
-            note = "" if used == len(tasks) else f" (over {used} tasks)"
+            note = "" if len(used) == len(tasks) else f" (over {', '.join(short.get(t, t) for t in used) or 'no task'})"
             print(f"{m:12s} {','.join(map(str, sorted(per))):>6s} {' '.join(cells)}  {dm:+7.2f}  "
                   f"[{', '.join(f'{d:+.1f}' for d in paired)}]{note}")
 
-    table("val_loss", False, ".3f")
-    table("metrics", True, ".3f")
-    print("\nmetrics: " + ", ".join(f"{short[t]} = {HEADLINE[t]}" for t in tasks if t in HEADLINE))
+    print("\nval_loss (lower is better): per-task loss of the final model over the labelled samples of the fixed "
+          "validation batches")
+    table("val_loss", False, ".3f", 0.0)
+    images = next(iter(next(iter(results.values())).values())).get("eval_max_images")
+    print(f"\nmetrics (higher is better): end-of-run evaluation on {'all' if images is None else f'the first {images}'} validation "
+          f"images per source; a task whose equal-weighting score is <= {metric_floor} is left out of Δm "
+          f"(of the seed mean, and per seed)")
+    table("metrics", True, ".3f", metric_floor)
+    print("\ncolumns: " + ", ".join(f"{short[t]} = {HEADLINE[t]}" for t in tasks if t in HEADLINE))
     seconds = {m: statistics.fmean(r["train_seconds"] / max(r["steps"], 1) for r in per.values())
                for m, per in results.items()}
-    print("train s/step (incl. data, this loaded machine): "
+    print("wall s/step of train() incl. data, end-of-run eval and checkpoint (loaded machine): "
           + ", ".join(f"{m} {seconds[m]:.2f}" for m in methods))
 
 
@@ -343,8 +361,10 @@ def run_quality(args: argparse.Namespace) -> None:
             path = _result_path(out, m, s, args)
             if not path.exists():
                 todo.append((m, s))
-            elif json.loads(path.read_text()).get("steps") != args.steps:
-                raise SystemExit(f"{path} holds a run of another --steps: use another --out")
+            else:
+                done = json.loads(path.read_text())
+                if (done.get("steps"), done.get("eval_max_images")) != (args.steps, args.eval_images):
+                    raise SystemExit(f"{path} holds a run of another --steps or --eval-images: use another --out")
     for m in args.methods:
         for s in args.seeds:
             if (m, s) not in todo:
@@ -370,7 +390,8 @@ def run_quality(args: argparse.Namespace) -> None:
                     tasks = list(result["val_loss"])
             finally:
                 shutdown_distributed()
-    print_quality(load_results(out, steps=args.steps, mode=args.mode), tasks, steps=args.steps, mode=args.mode)
+    print_quality(load_results(out, steps=args.steps, mode=args.mode, eval_images=args.eval_images), tasks,
+                  steps=args.steps, mode=args.mode, metric_floor=args.metric_floor)
 
 
 def _result_path(out: Path, method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -381,21 +402,27 @@ def _result_path(out: Path, method: str, seed: int, args: argparse.Namespace) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    # One thread: on a shared, loaded machine two OpenMP threads on two cores stall each other
+    # (a descheduled thread holds up every parallel region), which swamps the differences
+    # measured here; pass --threads N on a quiet machine.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     sub = parser.add_subparsers(dest="command", required=True)
     speed = sub.add_parser("speed", help="step time of each method vs equal weighting")
-    speed.add_argument("--steps", type=int, default=6, help="steps per round")
-    speed.add_argument("--rounds", type=int, default=3)
+    speed.add_argument("--steps", type=int, default=4, help="steps per round")
+    speed.add_argument("--rounds", type=int, default=6)
     speed.add_argument("--methods", nargs="+", default=ALL_METHODS, metavar="METHOD")
     quality = sub.add_parser("quality", help="per-task validation loss / metrics and Δm vs equal")
-    quality.add_argument("--steps", type=int, default=60)
+    quality.add_argument("--steps", type=int, default=300, help="training steps (the demo's own length: 300)")
     quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     quality.add_argument("--methods", nargs="+", default=QUALITY_METHODS, metavar="METHOD")
     quality.add_argument("--mode", choices=["representation", "parameters"], default="representation")
     quality.add_argument("--out", default="runs/bench_balancing")
-    quality.add_argument("--eval-images", type=int, default=16, help="eval.max_images per source")
+    quality.add_argument("--eval-images", type=int, default=None,
+                         help="eval.max_images per source (default: all; a prefix is class-sorted, see above)")
     quality.add_argument("--val-batches", type=int, default=10, help="validation batches for the losses")
     quality.add_argument("--val-batch-size", type=int, default=8)
+    quality.add_argument("--metric-floor", type=float, default=0.02,
+                         help="leave a metric out of Δm when equal weighting scores <= this (relative noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
