@@ -26,6 +26,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/checkpoint_save.py
 
 clean:
 	rm -rf runs $(DATA_DIR)
