@@ -63,19 +63,6 @@ assert names == ["latest", "step_3", "step_4"], names  # the stale partial was c
 assert ckpt.latest().name == "step_4"
 assert os.path.islink(run_dir / "checkpoints" / "latest")
 
-# Non-tensor values are unpickled with weights_only=True: an arbitrary object is refused.
-class Payload:
-    pass
-
-
-ckpt.save(5, lambda d: write_dcp({**state(), "extra": {"obj": Payload()}}, d), {})
-try:
-    read_dcp({**state(), "extra": {"obj": None}}, ckpt.latest())
-except CheckpointLoadError as e:
-    assert "step_5: cannot load" in str(e) and "Weights only load failed" in str(e), e
-else:
-    raise AssertionError("a pickled object loaded without weights_only protection")
-
 # A checkpoint of another model: one error listing the mismatching keys.
 other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.Linear(2, 2))
 try:
@@ -87,5 +74,6 @@ except CheckpointLoadError as e:
     assert "model.0.weight: checkpoint [8, 4] vs job [16, 4]" in msg, msg
 else:
     raise AssertionError("another model's checkpoint loaded")
+dist.barrier()  # both ranks are done before either tears the group down
 print(f"rank {rank} ok")
 dist.destroy_process_group()
