@@ -15,9 +15,8 @@ thread by default (``--threads``): see the note at the option.
 
 ``quality``: per (method, seed), the demo task set trained in-process for ``--steps``
 steps (``polytask train`` equivalent: a :class:`Trainer`, ``train()``, ``finish()`` with
-its end-of-run evaluation on the demo validation split: all of it by default, since
-``eval.max_images`` takes the first N in manifest order and the ImageFolder-converted
-classification split is sorted by class, so a prefix is nearly one class);
+its end-of-run evaluation on the demo validation split: all of it by default;
+``--eval-images`` takes that many per source, spread evenly over it);
 then the per-task validation *loss* of the final model, averaged over the labelled samples
 of the same fixed validation batches for every method. Δm relative to equal weighting
 (Maninis et al. 2019; Liu et al. 2021):
@@ -418,7 +417,7 @@ def main() -> None:
     quality.add_argument("--mode", choices=["representation", "parameters"], default="representation")
     quality.add_argument("--out", default="runs/bench_balancing")
     quality.add_argument("--eval-images", type=int, default=None,
-                         help="eval.max_images per source (default: all; a prefix is class-sorted, see above)")
+                         help="eval.max_images per source (default: all)")
     quality.add_argument("--val-batches", type=int, default=10, help="validation batches for the losses")
     quality.add_argument("--val-batch-size", type=int, default=8)
     quality.add_argument("--metric-floor", type=float, default=0.02,

@@ -7,7 +7,9 @@ per task over the whole optimizer step (all ranks, all micro-batches) comes from
 batches' task masks with one all-reduce of a [T] tensor, before any forward pass; each
 micro-batch's local mean is then rescaled so that DDP's average, summed over the
 micro-batches, is the mean over every labelled sample of the step, as with one big batch.
-Every rank runs that all-reduce every step, whatever its batches hold.
+Every rank runs that all-reduce every step, whatever its batches hold. It is started
+before the first forward pass and waited for after it, so it overlaps the forward instead
+of adding a second synchronisation point per step (measured in bench/step_overhead.py).
 """
 from __future__ import annotations
 
@@ -23,12 +25,19 @@ def local_task_counts(batch: Batch, tasks: list[str]) -> torch.Tensor:
     return batch.task_mask[:, columns].sum(dim=0).float()
 
 
-def global_task_counts(batches: list[Batch], tasks: list[str], *, world_size: int) -> torch.Tensor:
-    """Labelled samples per task over the step's micro-batches on every rank (collective)."""
-    counts = torch.stack([local_task_counts(b, tasks) for b in batches]).sum(dim=0)
-    if world_size > 1:
-        dist.all_reduce(counts)
-    return counts
+class GlobalTaskCounts:
+    """Labelled samples per task over the step's micro-batches on every rank: an
+    all-reduce started at construction (collective) and finished by :meth:`wait`."""
+
+    def __init__(self, batches: list[Batch], tasks: list[str], *, world_size: int) -> None:
+        self._counts = torch.stack([local_task_counts(b, tasks) for b in batches]).sum(dim=0)
+        self._work = dist.all_reduce(self._counts, async_op=True) if world_size > 1 else None
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._counts
 
 
 def scale_task_losses(losses: dict[str, torch.Tensor], local_counts: torch.Tensor,

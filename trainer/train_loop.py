@@ -38,7 +38,7 @@ from trainer.evaluation.evaluator import eval_dir, evaluate
 from trainer.metrics_logger import MetricsLogger
 from trainer.preemption import PreemptionFlag, slurm_job_info
 from trainer.rng_state import get_rng_state, set_rng_state
-from trainer.task_losses import global_task_counts, local_task_counts, scale_task_losses
+from trainer.task_losses import GlobalTaskCounts, local_task_counts, scale_task_losses
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,29 @@ class _LogWindow:
     """Sums over the steps since the last log line; per-task losses are averaged over the
     labelled samples of the whole window (a single step may hold none of a task)."""
 
-    def __init__(self, num_tasks: int, device: torch.device) -> None:
+    def __init__(self, num_tasks: int, sources: list[str], device: torch.device) -> None:
         self.loss_sum = torch.zeros(num_tasks, device=device)
+        # sum over steps of coefficient x loss sum: loss/total weighs each step's losses
+        # by that step's coefficients, which dynamic balancers change every step
+        self.weighted_loss_sum = torch.zeros(num_tasks, device=device)
         self.count = torch.zeros(num_tasks, device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
+        self.sources = sources
+        self.images = torch.zeros(len(sources), dtype=torch.float64)  # this rank's, per source
         self.steps = 0
-        self.images = 0
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
-    def add(self, out: dict[str, torch.Tensor], *, images: int) -> None:
+    def add(self, out: dict[str, torch.Tensor], *, batches: list[Batch]) -> None:
         # stays on the device: no host sync per step
         self.loss_sum += out["loss_sums"]
+        self.weighted_loss_sum += out["coefficients"] * out["loss_sums"]
         self.count += out["global_count"]
         self.grad_norm_sum += out["grad_norm"].detach()
         self.steps += 1
-        self.images += images
+        for batch in batches:
+            for source in batch.sources:
+                self.images[self.sources.index(source)] += 1
         self.last = out  # coefficients and balancer statistics are logged as of the last step
 
 
@@ -217,12 +224,13 @@ class Trainer:
         return out
 
     def _static_step(self, batches: list[Batch]) -> dict[str, Any]:
-        global_counts = global_task_counts(batches, self.tasks, world_size=self.dist.world_size)
+        pending_counts = GlobalTaskCounts(batches, self.tasks, world_size=self.dist.world_size)
         loss_sums = torch.zeros(len(self.tasks), device=self.device)
         for i, batch in enumerate(batches):
             with self.backend.micro_batch_context(last=i == len(batches) - 1):
                 with self._autocast():
                     losses = self.backend.model(batch).losses
+                global_counts = pending_counts.wait()  # in flight during the first forward
                 local_counts = local_task_counts(batch, self.tasks)
                 scaled = scale_task_losses(losses, local_counts, global_counts, world_size=self.dist.world_size)
                 self.backend.backward(sum(self.loss_weights[t] * scaled[t] for t in self.tasks))
@@ -250,7 +258,7 @@ class Trainer:
         self.backend.model.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main,
                         desc="train", dynamic_ncols=True)
-        window = _LogWindow(len(self.tasks), self.device)
+        window = self._new_window()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             batches = [self._next_batch() for _ in range(cfg.grad_accum_steps)]
@@ -258,7 +266,7 @@ class Trainer:
             out = self.train_step(batches)
             if self.audit is not None:
                 self.audit.write(self.step, [k for b in batches for k in b.keys])
-            window.add(out, images=sum(len(b) for b in batches))
+            window.add(out, batches=batches)
             progress.update(1)
             last = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or last:
@@ -266,7 +274,7 @@ class Trainer:
                 self.metrics.log(self.step, row)
                 self._loss_rows.append((self.step, {k: v for k, v in row.items() if k.startswith("loss/")}))
                 progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")})
-                window = _LogWindow(len(self.tasks), self.device)
+                window = self._new_window()
             self.checkpointer.poll(wait=last)  # finalise a background save once all ranks wrote it
             if self.checkpointer.should_save(self.step, last=last):
                 self.save_checkpoint()
@@ -277,6 +285,9 @@ class Trainer:
                 break
         self.checkpointer.poll(wait=True)  # the last checkpoint is complete before we return
         progress.close()
+
+    def _new_window(self) -> _LogWindow:
+        return _LogWindow(len(self.tasks), [m.name for m in self.manifests], self.device)
 
     def _checkpoint_and_stop(self) -> None:
         """Slurm asked for a checkpoint (time limit or preemption, see trainer/preemption.py):
@@ -304,12 +315,16 @@ class Trainer:
             self.checkpointer.mark_best(self.step)
         return metrics
 
-    def _metrics_row(self, window: "_LogWindow") -> dict[str, float]:
-        loss_sum = window.loss_sum.clone()
+    def _metrics_row(self, window: _LogWindow) -> dict[str, float]:
+        num_tasks = len(self.tasks)
+        # One all-reduce per log line (every rank logs at the same steps: same collectives).
+        sums = torch.cat([window.loss_sum, window.weighted_loss_sum, window.images.to(window.loss_sum)])
         if self.dist.world_size > 1:
-            dist.all_reduce(loss_sum)  # every rank logs at the same steps: same collectives
+            dist.all_reduce(sums)
+        loss_sum, weighted_sum, images = sums[:num_tasks], sums[num_tasks:2 * num_tasks], sums[2 * num_tasks:]
         counts = window.count.tolist()
-        means = (loss_sum / window.count.clamp(min=1)).tolist()
+        clamped = window.count.clamp(min=1)
+        means = (loss_sum / clamped).tolist()
         coefficients = window.last["coefficients"].tolist()
         row: dict[str, float] = {}
         for i, t in enumerate(self.tasks):
@@ -317,15 +332,16 @@ class Trainer:
                 row[f"loss/{t}"] = means[i]
             row[f"weight/{t}"] = coefficients[i]
             row[f"samples/{t}"] = counts[i]
-        row["loss/total"] = float(sum(coefficients[i] * means[i] for i, t in enumerate(self.tasks)))
+        row["loss/total"] = float((weighted_sum / clamped).sum())
         if "balanced" in window.last:
             row.update(self.balancing.metrics(window.last["balanced"]))
         row["lr"] = self.backend.lr()
         row["grad_norm"] = float(window.grad_norm_sum) / max(window.steps, 1)
-        elapsed = time.perf_counter() - window.started
-        # every rank draws the same batch size, so images/s over all ranks is local x world
-        row["throughput/images_per_s"] = window.images * self.dist.world_size / max(elapsed, 1e-9)
-        row["time/data_wait_frac"] = window.data_wait / max(elapsed, 1e-9)
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        row["throughput/images_per_s"] = float(images.sum()) / elapsed  # all ranks
+        for name, n in zip(window.sources, images.tolist()):
+            row[f"throughput/{name}/images_per_s"] = n / elapsed
+        row["time/data_wait_frac"] = window.data_wait / elapsed
         if self.dist.is_main:  # rank 0's own stream: consumed samples, epochs, realised mix
             row.update(self.loader.data_metrics())
         if self.slurm:

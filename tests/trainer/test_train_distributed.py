@@ -56,6 +56,19 @@ def test_metrics_jsonl_has_every_task(demo_run):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == STEPS
 
 
+def test_total_loss_and_per_source_throughput_add_up(demo_run):
+    run_dir, _ = demo_run
+    rows, _ = _rows(run_dir)
+    sources = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
+    for r in rows:
+        # static weights: the total is the weighted sum of the logged per-task means
+        expected = sum(r[f"weight/{t}"] * r.get(f"loss/{t}", 0.0) for t in TASKS)
+        assert r["loss/total"] == pytest.approx(expected, rel=1e-5)
+        per_source = [r[f"throughput/{s}/images_per_s"] for s in sources]
+        assert all(v >= 0 for v in per_source) and r["throughput/images_per_s"] > 0
+        assert sum(per_source) == pytest.approx(r["throughput/images_per_s"], rel=1e-6)
+
+
 def test_offline_wandb_run_holds_the_same_losses(demo_run):
     run_dir, _ = demo_run
     history = read_history(find_run_file(run_dir))

@@ -17,7 +17,7 @@ class EvalConfig:
     # A metric key such as "val/shapes_instances/bbox/AP"; None = no best-checkpoint tracking.
     best_metric: str | None = None
     best_mode: Literal["max", "min"] = "max"
-    max_images: int | None = None  # per source, the first N in manifest order; None = all
+    max_images: int | None = None  # per source, N spread evenly over it; None = all
 
     def __post_init__(self) -> None:
         for i, source in enumerate(self.sources):

@@ -87,12 +87,26 @@ class EvalStream(IterableDataset):
 
 
 def source_samples(manifest: Manifest, *, max_images: int | None) -> Iterator[dict]:
-    """Raw samples of one source in manifest order, at most ``max_images``."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(manifest.shard_urls()), wds.tarfile_to_samples())
-    for n, raw in enumerate(pipeline):
-        if max_images is not None and n >= max_images:
-            return
-        yield raw
+    """Raw samples of one source in manifest order; with ``max_images``, that many spread
+    evenly over the whole source (a prefix of a class-sorted source, as ImageFolder
+    conversions are, would hold one class only). Shards without a chosen sample are not
+    opened."""
+    total = manifest.num_samples
+    chosen = None if max_images is None or max_images >= total else evenly_spaced(total, max_images)
+    offset = 0
+    for shard, url in zip(manifest.shards, manifest.shard_urls()):
+        first, offset = offset, offset + shard.num_samples
+        if chosen is not None and not any(first <= i < offset for i in chosen):
+            continue
+        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+        for n, raw in enumerate(pipeline, start=first):
+            if chosen is None or n in chosen:
+                yield raw
+
+
+def evenly_spaced(total: int, count: int) -> set[int]:
+    """``count`` of the indices ``0 .. total-1``, spread evenly (first one included)."""
+    return {k * total // count for k in range(count)}
 
 
 def expected_images(manifests: list[Manifest], *, max_images: int | None) -> dict[str, int]:

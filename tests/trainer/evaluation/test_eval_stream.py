@@ -30,9 +30,12 @@ def test_every_sample_read_by_exactly_one_rank_and_worker(tiny, world_size, num_
     assert max(sizes) - min(sizes) <= 1 + num_workers  # every rank gets a fair share
 
 
-def test_max_images_takes_the_first_images_of_each_source(tiny):
-    (share,) = _shares(tiny, world_size=1, num_workers=0, max_images=2)
-    assert [s for s, _ in share] == [s for s in SOURCES for _ in range(2)]
+@pytest.mark.parametrize("max_images, picked", [(2, [0, 2]), (3, [0, 1, 3]), (5, [0, 1, 2, 3, 4]), (9, [0, 1, 2, 3, 4])])
+def test_max_images_spreads_over_each_source(tiny, max_images, picked):
+    (everything,) = _shares(tiny, world_size=1, num_workers=0)
+    (share,) = _shares(tiny, world_size=1, num_workers=0, max_images=max_images)
+    by_source = {s: [x for x in everything if x[0] == s] for s in SOURCES}
+    assert share == [by_source[s][i] for s in SOURCES for i in picked]
 
 
 @pytest.mark.parametrize(

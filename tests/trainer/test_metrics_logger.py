@@ -1,0 +1,44 @@
+"""MetricsLogger with the real wandb client: a W&B failure warns once and metrics.jsonl
+keeps every row; the API key never reaches our logs."""
+import json
+import logging
+
+from trainer.metrics_logger import MetricsLogger, WandbConfig
+from trainer.wandb_records import find_run_file, read_history
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer.metrics_logger"]
+
+
+def test_bad_api_key_warns_once_and_metrics_jsonl_continues(tmp_path, monkeypatch, caplog):
+    key = "not-a-real-key"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    caplog.set_level(logging.WARNING)
+    logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="online"), config={"a": 1}, enabled=True)
+    for step in range(1, 6):
+        logger.log(step, {"loss/total": 1.0 / step})
+    logger.close()
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "W&B disabled" in warnings[0].getMessage()
+    assert key not in caplog.text
+
+
+def test_wandb_failing_mid_run_warns_once_and_metrics_jsonl_continues(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="offline"), config={}, enabled=True)
+    logger.log(1, {"loss/total": 1.0})
+    logger._wandb_run.finish()  # the W&B run dies under us (its service gone): log() now raises
+    for step in range(2, 6):
+        logger.log(step, {"loss/total": 1.0 / step})
+    logger.close()
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
+    assert len(_warnings(caplog)) == 1
+    # what W&B got before it failed is still in its offline file
+    history = read_history(find_run_file(tmp_path))
+    assert [row["_step"] for row in history] == [1]
