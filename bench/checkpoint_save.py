@@ -1,7 +1,12 @@
 """Checkpoint save time: our atomic DCP save vs ``torch.save`` of the same tensors to the
-same disk, in one process (world size 1, gloo). Prints the ratio of medians.
+same disk. Prints the ratio of medians.
+
+One process: DCP writes everything, as torch.save does. Under torchrun (DDP, replicated
+state): DCP splits the writing over the ranks; the baseline is what a non-sharded DDP
+trainer does, rank 0 ``torch.save``-ing the whole state while the others wait.
 
     .venv/bin/python bench/checkpoint_save.py [--repeats 5] [--dir /tmp]
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/checkpoint_save.py --dir /tmp
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,19 +38,22 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
 
-    os.environ.pop("RANK", None)
-    init_distributed(device="cpu")
+    dist_info = init_distributed(device="cpu")
+    torch.manual_seed(0)  # identical replicas on every rank
     num_classes = {t: 3 for t in TASKS} | {"keypoints": 5}
     backend = DDPBackend(build_model(ModelConfig(), num_classes=num_classes), optim=OptimConfig(),
                          max_steps=10, device=torch.device("cpu"), async_save=True)
     for p in backend.model.parameters():  # populate AdamW's moments, as in a real checkpoint
-        p.grad = torch.randn_like(p)
+        p.grad = torch.randn_like(p)  # same on every rank (same seed)
     backend.optimizer_step()
     extra = {"train": {"step": 1}}
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        root = Path(tmp)
-        checkpointer = Checkpointer(run_dir=root / "run", cfg=CheckpointConfig(keep_last=1), is_main=True)
+    # Every rank must write into the same directory: rank 0 picks it.
+    tmp = [tempfile.mkdtemp(dir=args.dir) if dist_info.is_main else None]
+    dist.broadcast_object_list(tmp)
+    root = Path(tmp[0])
+    try:
+        checkpointer = Checkpointer(run_dir=root / "run", cfg=CheckpointConfig(keep_last=1), is_main=dist_info.is_main)
         ours, plain, durable, blocking = [], [], [], []
         sync_save = backend._save_group
         for i in range(args.repeats):
@@ -61,21 +70,32 @@ def main() -> None:
 
             state = backend._state(extra)  # the very tensors DCP wrote
             target = root / f"plain_{i}.pt"
+            dist.barrier()
             t0 = time.perf_counter()
-            torch.save(state, target)
+            if dist_info.is_main:
+                torch.save(state, target)
+            dist.barrier()
             plain.append(time.perf_counter() - t0)
-            fd = os.open(target, os.O_RDONLY)
-            os.fsync(fd)  # our checkpoint is on disk when save returns; compare like with like too
-            os.close(fd)
+            if dist_info.is_main:
+                fd = os.open(target, os.O_RDONLY)
+                os.fsync(fd)  # our checkpoint is on disk when save returns; compare like with like too
+                os.close(fd)
+            dist.barrier()
             durable.append(time.perf_counter() - t0)
-            target.unlink()
+            if dist_info.is_main:
+                target.unlink()
         size = sum(f.stat().st_size for f in (root / "run" / "checkpoints").rglob("*") if f.is_file())
-        shutil.rmtree(root / "run")
+        dist.barrier()
+    finally:
+        if dist_info.is_main:
+            shutil.rmtree(root, ignore_errors=True)
     shutdown_distributed()
+    if not dist_info.is_main:
+        return
 
     o, p, d, b = (statistics.median(x) for x in (ours, plain, durable, blocking))
-    print(f"checkpoint size        : {size / 2**20:.1f} MiB")
-    print(f"torch.save             : {p * 1000:8.1f} ms (median of {args.repeats})")
+    print(f"world size {dist_info.world_size}; checkpoint size {size / 2**20:.1f} MiB")
+    print(f"torch.save (rank 0)    : {p * 1000:8.1f} ms (median of {args.repeats})")
     print(f"torch.save + fsync     : {d * 1000:8.1f} ms")
     print(f"polytask DCP (atomic)  : {o * 1000:8.1f} ms")
     print(f"ratio polytask/torch.save: {o / p:.2f}  (target <= 1.5); vs torch.save+fsync: {o / d:.2f}")
