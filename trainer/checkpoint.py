@@ -203,12 +203,20 @@ def _check_compatible(state: dict[str, Any], directory: str | Path) -> None:
         and tuple(stored[k].size) != tuple(v.shape)
     )
     if missing or shape:
-        lines = [f"{directory}: checkpoint does not match this job (another model or config?)"]
-        if missing:
-            lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        if shape:
-            lines.append(f"  shape mismatch ({len(shape)}): {'; '.join(shape[:10])}{' ...' if len(shape) > 10 else ''}")
-        raise CheckpointLoadError("\n".join(lines))
+        raise mismatch_error(directory, missing=missing, shape=shape)
+
+
+def mismatch_error(directory: str | Path, *, missing: list[str], shape: list[str],
+                   unexpected: list[str] | None = None) -> CheckpointLoadError:
+    """One error listing every key of the job missing in a checkpoint, every shape that
+    differs (``"key: checkpoint [..] vs job [..]"``) and, where the checkpoint should hold
+    nothing else, its keys the job does not have."""
+    lines = [f"{directory}: checkpoint does not match this job (another model or config?)"]
+    for label, items, sep in (("missing in checkpoint", missing, ", "), ("not in this job", unexpected or [], ", "),
+                              ("shape mismatch", shape, "; ")):
+        if items:
+            lines.append(f"  {label} ({len(items)}): {sep.join(items[:10])}{' ...' if len(items) > 10 else ''}")
+    return CheckpointLoadError("\n".join(lines))
 
 
 def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,7 +7,6 @@ The checkpointer and the metrics logger observe; they never steer.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import random
@@ -39,6 +38,7 @@ from trainer.metrics_logger import MetricsLogger
 from trainer.preemption import PreemptionFlag, slurm_job_info
 from trainer.rng_state import get_rng_state, set_rng_state
 from trainer.task_losses import GlobalTaskCounts, local_task_counts, scale_task_losses
+from trainer.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,6 @@ class Trainer:
         backend = self.cfg.trainer.backend
         if meta.get("backend", "ddp") != backend:
             raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
-        if backend == "deepspeed" and not same_world:
-            # ZeRO partitions optimizer state by world size; DeepSpeed's universal-checkpoint
-            # conversion (ds_to_universal) is not wired in (see the README).
-            raise CheckpointLoadError(f"{path}: a DeepSpeed ZeRO checkpoint of {old_world} ranks resumes on "
-                                      f"{old_world} ranks only (this job has {self.dist.world_size})")
         extra = self._extra_state(data_ranks=None if same_world else old_world)
         if not same_world:
             extra.pop("rng")  # per-rank RNG belongs to the old layout of ranks; reseeded below
@@ -301,11 +296,12 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate on ``eval.sources`` (collective), log the metrics, track the best step."""
-        metrics = evaluate(
-            self.backend.module, self.cfg.eval, transforms=self.cfg.data.transforms, label_space=self.label_space,
-            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
-            out_dir=eval_dir(self.run_dir, self.step), step=self.step,
-        )
+        with self.backend.full_parameters() as model:
+            metrics = evaluate(
+                model, self.cfg.eval, transforms=self.cfg.data.transforms, label_space=self.label_space,
+                rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+                out_dir=eval_dir(self.run_dir, self.step), step=self.step,
+            )
         self.metrics.log(self.step, metrics)
         self._last_eval = {"step": self.step, **metrics}
         if self.best is not None and self.best.update(self.step, metrics):
@@ -351,12 +347,10 @@ class Trainer:
     # --- end of run -------------------------------------------------------------------
     def replica_digests(self) -> list[str]:
         """sha256 of every rank's parameters; DDP replicas must be bit-identical."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.backend.module.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        with self.backend.full_parameters() as model:  # ZeRO-3: gathered, not placeholders
+            digest = weights_digest(model.state_dict())
         digests: list[str] = [""] * self.dist.world_size
-        dist.all_gather_object(digests, h.hexdigest())
+        dist.all_gather_object(digests, digest)
         return digests
 
     def _loss_trend(self) -> dict[str, dict[str, float]]:

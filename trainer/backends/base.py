@@ -28,6 +28,11 @@ class TrainBackend(ABC):
     def module(self) -> nn.Module:
         """The unwrapped MultiTaskModel."""
 
+    def full_parameters(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """(Collective) the unwrapped model with every parameter whole on this rank, for
+        evaluation and replica digests. Only ZeRO-3, which partitions parameters, differs."""
+        return contextlib.nullcontext(self.module)
+
     @abstractmethod
     def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch; gradient sync happens only on the last one."""

@@ -7,19 +7,23 @@ The loop's own state (step, RNG, data positions) goes next to DeepSpeed's files 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.backends.base import TrainBackend
-from trainer.checkpoint import read_dcp, write_dcp
+from trainer.backends.deepspeed_checkpoint import TAG as _TAG
+from trainer.backends.deepspeed_checkpoint import load_file
+from trainer.backends.deepspeed_universal import UNIVERSAL_DIR, saved_world_size, universal_copy, universal_load
+from trainer.checkpoint import CheckpointLoadError, read_dcp, write_dcp
 from trainer.optim import OptimConfig, build_optimizer, build_scheduler
-
-_TAG = "state"  # one checkpoint per directory: our step_<N> is the tag already
 
 
 @dataclass(kw_only=True)
@@ -68,6 +72,11 @@ class DeepSpeedBackend(TrainBackend):
         scheduler = build_scheduler(optimizer, optim, max_steps=max_steps)
         config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
                                   grad_clip=optim.grad_clip, bf16=bf16)
+        # ZeRO-3 partitions the parameters, and its forward all-gathers them module by module:
+        # evaluation (ranks with different images and heads) cannot run on it. A storage-free
+        # (meta) copy of the model is filled from one gather when whole parameters are needed.
+        self._device = next(model.parameters()).device
+        self._shell = copy.deepcopy(model).to("meta") if cfg.zero_stage == 3 else None
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
         )
@@ -77,6 +86,27 @@ class DeepSpeedBackend(TrainBackend):
     @property
     def module(self) -> nn.Module:
         return self.model.module
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[nn.Module]:
+        if self._shell is None:
+            yield self.module
+            return
+        import deepspeed
+
+        module, shell = self.model.module, self._shell.to_empty(device=self._device)
+        with torch.no_grad():
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                for (name, whole), (shell_name, q) in zip(module.named_parameters(), shell.named_parameters()):
+                    assert name == shell_name, (name, shell_name)
+                    q.copy_(whole)
+            for (_, b), (_, q) in zip(module.named_buffers(), shell.named_buffers()):
+                q.copy_(b)
+        shell.train(module.training)
+        try:
+            yield shell
+        finally:
+            self._shell = shell.to("meta")  # frees the whole copy again
 
     def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
         self._last_micro_batch = last  # DeepSpeed decides on syncing from its own counter
@@ -101,8 +131,28 @@ class DeepSpeedBackend(TrainBackend):
         write_dcp(extra, directory / "extra")
 
     def load(self, directory: Path, extra: dict[str, Any]) -> None:
-        path, _ = self.model.load_checkpoint(str(directory / "deepspeed"), tag=_TAG,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        """Same world size: DeepSpeed's own files. Another one (ZeRO-1/2/3): their universal
+        conversion, made once by rank 0 (see deepspeed_universal)."""
+        if not (directory / "deepspeed").is_dir():
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (written by another backend?)")
+        saved = saved_world_size(directory)
+        if saved is None or saved == dist.get_world_size():
+            path, _ = self.model.load_checkpoint(str(directory / "deepspeed"), tag=_TAG,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            error = None
+            if dist.get_rank() == 0:
+                try:
+                    universal_copy(directory)
+                except CheckpointLoadError as e:  # every rank raises it, none waits forever
+                    error = str(e)
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise CheckpointLoadError(box[0])
+            with universal_load(self.model):
+                path, _ = self.model.load_checkpoint(str(directory / UNIVERSAL_DIR), tag=_TAG,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (written by another backend?)")
         read_dcp(extra, directory / "extra")
@@ -110,18 +160,11 @@ class DeepSpeedBackend(TrainBackend):
 
 def _weights_only_checkpoint_engine(engine: Any) -> Any:
     """DeepSpeed's TorchCheckpointEngine loads with ``weights_only=False``; ours does not
-    run code from a checkpoint file. The few plain-data DeepSpeed classes its files hold
-    (found by loading ZeRO 0-3 checkpoints) are allow-listed by name."""
+    run code from a checkpoint file (allow-list: ``deepspeed_checkpoint.safe_globals``)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_file(path, map_location=map_location)
 
     return WeightsOnlyCheckpointEngine(engine._config)

@@ -50,15 +50,6 @@ def test_eval_writes_summary_and_results_for_the_checkpoint_step(run):
     assert (out / "tiny_instances_bbox_results.json").is_file()
 
 
-def test_eval_rejects_a_deepspeed_checkpoint_clearly(run, tmp_path, capsys):
-    run_dir, _ = run
-    fake = tmp_path / "step_5"
-    fake.mkdir()
-    (fake / "meta.json").write_text(json.dumps({"step": 5, "backend": "deepspeed"}))
-    assert polytask(["eval", str(run_dir / "config.yaml"), "--checkpoint", str(fake)]) == 2
-    assert "'deepspeed' backend" in capsys.readouterr().err
-
-
 def test_report_renders_pngs_of_the_expected_size(run, capsys):
     run_dir, _ = run
     assert polytask(["report", str(run_dir)]) == 0
