@@ -9,6 +9,14 @@ the same three steps:
 3. write the shards in parallel, each to a temporary name renamed when complete, then
    ``manifest.json`` last.
 
+Bad input follows ``bad_sample_policy`` (see ``bad_data``): ``raise`` (the default) fails
+at the first bad image or annotation as above; ``skip`` leaves each bad record out (an
+image whose file or any annotation is bad, with all its annotations; an annotation that
+names no image), logs it, lists it in ``skipped.json`` next to the manifest, and fails
+before writing anything if more than ``max_bad_fraction`` of the records are bad.
+Problems with the source as a whole (no index file, not JSON, missing top-level keys,
+duplicate image ids, no images at all) fail under either policy.
+
 Shard contents are a pure function of the input: samples go to shards in a fixed order
 whatever the number of workers, and tar headers carry fixed times and owners.
 """
@@ -28,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from data_pipelines.bad_data import BadRecords
 from data_pipelines.manifest import MANIFEST_NAME, KeypointSchema, Manifest, ShardInfo
 from data_pipelines.synthetic import DEMO_TASKS
 
@@ -39,6 +48,9 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 DEFAULT_KEYPOINT_SIGMA = 0.05
 # Several shards per demo split, so data-loader workers and ranks have shards to split.
 DEMO_SHARD_MAX_SAMPLES = 32
+DEFAULT_BAD_SAMPLE_POLICY = "raise"
+DEFAULT_MAX_BAD_FRACTION = 0.01  # as the training loader's data.max_bad_fraction
+SKIPPED_NAME = "skipped.json"  # under policy skip: the records left out, and why
 
 # Shard member extension for each image format PIL reports; the bytes are copied unchanged.
 _IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
@@ -73,6 +85,8 @@ def convert_coco(
     shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
     shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
     workers: int = DEFAULT_WORKERS,
+    bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> Manifest:
     """Convert a COCO instances or person-keypoints style source.
 
@@ -92,29 +106,41 @@ def convert_coco(
         shard_max_samples, shard_max_bytes: a shard is closed when it reaches either
             (bytes counts member payloads, not tar headers).
         workers: threads for decoding and writing.
+        bad_sample_policy, max_bad_fraction: what to do with bad images and
+            annotations, see the module docstring.
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
     """
     images_dir, annotation_file = Path(images_dir), Path(annotation_file)
+    bad = BadRecords(bad_sample_policy, max_bad_fraction, where=str(annotation_file))
     _require_dir(images_dir)
     if not set(tasks) <= set(COCO_TASKS):
         raise ValueError(f"{annotation_file}: a COCO source labels a subset of {list(COCO_TASKS)}, got {list(tasks)}")
-    coco = _load_coco(annotation_file)
-    anns_by_image = _group_annotations(coco, annotation_file=annotation_file, tasks=tasks)
-    images = coco["images"]
+    coco, incomplete = _load_coco(annotation_file, bad)
+    anns_by_image, orphans = _group_annotations(
+        coco, annotation_file=annotation_file, tasks=tasks, bad=bad, dropped={i["id"] for i in incomplete if "id" in i}
+    )
+    images = [image for image in coco["images"] if _image_record(image) not in bad]
     paths = [images_dir / image["file_name"] for image in images]
 
-    infos = _parallel_map(_inspect_image, paths, workers=workers, desc=f"{name}: check images")
+    infos = _parallel_map(_caught(_inspect_image), paths, workers=workers, desc=f"{name}: check images")
     samples = []
-    for image, path, (ext, width, height) in zip(images, paths, infos):
+    for image, path, info in zip(images, paths, infos):
+        if isinstance(info, Exception):
+            bad.report(_image_record(image), info)
+            continue
+        ext, width, height = info
         if (width, height) != (image["width"], image["height"]):
-            raise ValueError(
+            bad.report(_image_record(image), ValueError(
                 f"{path}: image id {image['id']} is {width}x{height} but {annotation_file} "
                 f"says {image['width']}x{image['height']}"
-            )
+            ))
+            continue
         payload = {"image": image, "annotations": anns_by_image[image["id"]]}
         samples.append(_Sample(_sample_key(image["file_name"]), {ext: path, "json": _json_bytes(payload)}))
+    records = len(coco["images"]) + len(incomplete) + orphans
+    bad.check(records)
 
     manifest = Manifest(
         name=name,
@@ -132,6 +158,7 @@ def convert_coco(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        skipped=bad.summary(records) if bad.problems else None,
     )
 
 
@@ -145,6 +172,8 @@ def convert_semantic(
     shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
     shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
     workers: int = DEFAULT_WORKERS,
+    bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> Manifest:
     """Convert a VOC-style semantic segmentation source.
 
@@ -155,31 +184,44 @@ def convert_semantic(
 
     Args:
         images_dir, masks_dir: the two directories (searched recursively).
-        out_dir, name, shard_max_samples, shard_max_bytes, workers: as in :func:`convert_coco`.
+        out_dir, name, shard_max_samples, shard_max_bytes, workers, bad_sample_policy,
+            max_bad_fraction: as in :func:`convert_coco`.
         classes: class names, index = pixel value (0 is usually background).
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
     """
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    bad = BadRecords(bad_sample_policy, max_bad_fraction, where=str(masks_dir))
     _require_dir(images_dir)
     _require_dir(masks_dir)
     images_by_stem = {p.relative_to(images_dir).with_suffix("").as_posix(): p for p in _image_files(images_dir)}
+    mask_paths = sorted(masks_dir.rglob("*.png"))
+    if not mask_paths:
+        raise ValueError(f"{masks_dir}: no .png masks found")
     pairs = []
-    for mask_path in sorted(masks_dir.rglob("*.png")):
+    for mask_path in mask_paths:
         stem = mask_path.relative_to(masks_dir).with_suffix("").as_posix()
         if stem not in images_by_stem:
-            raise FileNotFoundError(f"{mask_path}: no image {stem}.jpg/.jpeg/.png in {images_dir}")
+            missing = FileNotFoundError(f"{mask_path}: no image {stem}.jpg/.jpeg/.png in {images_dir}")
+            bad.report(str(mask_path), missing)
+            continue
         pairs.append((images_by_stem[stem], mask_path))
-    if not pairs:
-        raise ValueError(f"{masks_dir}: no .png masks found")
 
     def check(pair: tuple[Path, Path]) -> tuple[str, int, int]:
         return _inspect_semantic_pair(*pair, num_classes=len(classes))
 
-    infos = _parallel_map(check, pairs, workers=workers, desc=f"{name}: check images")
+    infos = _parallel_map(_caught(check), pairs, workers=workers, desc=f"{name}: check images")
+    good = []
+    for pair, info in zip(pairs, infos):
+        if isinstance(info, Exception):
+            bad.report(str(pair[1]), info)
+        else:
+            good.append((pair, info))
+    bad.check(len(mask_paths))
     samples = []
-    for index, ((image_path, mask_path), (ext, width, height)) in enumerate(zip(pairs, infos)):
+    # The index (the json's image id) counts kept pairs: ids stay 0..n-1.
+    for index, ((image_path, mask_path), (ext, width, height)) in enumerate(good):
         file_name = image_path.relative_to(images_dir).as_posix()
         payload = {"image": {"id": index, "file_name": file_name, "width": width, "height": height}, "annotations": []}
         members = {ext: image_path, "json": _json_bytes(payload), "seg.png": mask_path}
@@ -194,6 +236,7 @@ def convert_semantic(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        skipped=bad.summary(len(mask_paths)) if bad.problems else None,
     )
 
 
@@ -205,6 +248,8 @@ def convert_image_folder(
     shard_max_samples: int = DEFAULT_SHARD_MAX_SAMPLES,
     shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
     workers: int = DEFAULT_WORKERS,
+    bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> Manifest:
     """Convert an ImageFolder source, ``root/<class_name>/<image>``.
 
@@ -214,7 +259,8 @@ def convert_image_folder(
 
     Args:
         root: the directory holding one sub-directory per class.
-        out_dir, name, shard_max_samples, shard_max_bytes, workers: as in :func:`convert_coco`.
+        out_dir, name, shard_max_samples, shard_max_bytes, workers, bad_sample_policy,
+            max_bad_fraction: as in :func:`convert_coco`.
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
@@ -228,9 +274,19 @@ def convert_image_folder(
     if not files:
         raise ValueError(f"{root}: no .jpg/.jpeg/.png images in its class sub-directories")
 
-    infos = _parallel_map(_inspect_image, [path for path, _ in files], workers=workers, desc=f"{name}: check images")
+    bad = BadRecords(bad_sample_policy, max_bad_fraction, where=str(root))
+    paths = [path for path, _ in files]
+    infos = _parallel_map(_caught(_inspect_image), paths, workers=workers, desc=f"{name}: check images")
+    good = []
+    for file, info in zip(files, infos):
+        if isinstance(info, Exception):
+            bad.report(str(file[0]), info)
+        else:
+            good.append((file, info))
+    bad.check(len(files))
     samples = []
-    for index, ((path, class_id), (ext, width, height)) in enumerate(zip(files, infos)):
+    # The index (the json's image id) counts kept images: ids stay 0..n-1.
+    for index, ((path, class_id), (ext, width, height)) in enumerate(good):
         file_name = path.relative_to(root).as_posix()
         payload = {
             "image": {"id": index, "file_name": file_name, "width": width, "height": height},
@@ -248,6 +304,7 @@ def convert_image_folder(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        skipped=bad.summary(len(files)) if bad.problems else None,
     )
 
 
@@ -299,8 +356,9 @@ def _image_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
 
 
-def _load_coco(annotation_file: Path) -> dict:
-    """Load the json and check the top-level keys every COCO file has."""
+def _load_coco(annotation_file: Path, bad: BadRecords) -> tuple[dict, list[dict]]:
+    """Load the json and check the top-level keys every COCO file has. An image entry
+    lacking keys is a bad record: it is taken out of ``images`` and returned apart."""
     if not annotation_file.is_file():
         raise FileNotFoundError(f"{annotation_file}: annotation file does not exist")
     try:
@@ -310,17 +368,30 @@ def _load_coco(annotation_file: Path) -> dict:
     missing = [k for k in ("images", "annotations", "categories") if k not in coco]
     if missing:
         raise ValueError(f"{annotation_file}: missing top-level key(s) {missing}")
-    for image in coco["images"]:
-        lacking = [k for k in ("id", "file_name", "width", "height") if k not in image]
-        if lacking:
-            raise ValueError(f"{annotation_file}: image {image.get('id', image)} lacks {lacking}")
     if not coco["images"]:
         raise ValueError(f"{annotation_file}: no images")
-    return coco
+    complete, incomplete = [], []
+    for index, image in enumerate(coco["images"]):
+        lacking = [k for k in ("id", "file_name", "width", "height") if k not in image]
+        if lacking:
+            error = ValueError(f"{annotation_file}: image {image.get('id', image)} lacks {lacking}")
+            bad.report(f"image entry #{index}", error)
+            incomplete.append(image)
+        else:
+            complete.append(image)
+    return coco | {"images": complete}, incomplete
 
 
-def _group_annotations(coco: dict, *, annotation_file: Path, tasks: Sequence[str]) -> dict[int, list[dict]]:
-    """Annotations per image id, in file order, after checking each one's fields."""
+def _group_annotations(
+    coco: dict, *, annotation_file: Path, tasks: Sequence[str], bad: BadRecords, dropped: set
+) -> tuple[dict[int, list[dict]], int]:
+    """Annotations per image id, in file order, after checking each one's fields; and
+    the number of annotations that name no known image (each a bad record of its own).
+    Annotations of the ``dropped`` image ids (incomplete entries) go with their image.
+
+    A bad annotation of an image makes the image a bad record: training on it without
+    that annotation would teach the model that the object is background.
+    """
     categories = {c["id"]: c for c in coco["categories"]}
     by_image: dict[int, list[dict]] = {}
     images = {}
@@ -329,29 +400,53 @@ def _group_annotations(coco: dict, *, annotation_file: Path, tasks: Sequence[str
             raise ValueError(f"{annotation_file}: duplicate image id {image['id']}")
         by_image[image["id"]] = []
         images[image["id"]] = image
+    orphans = 0
     for index, ann in enumerate(coco["annotations"]):
         where = f"{annotation_file}: annotation id {ann.get('id', f'#{index} (no id)')}"
-        required = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if "instance_mask" in tasks else [])
-        missing = [k for k in required if k not in ann]
-        if missing:
-            raise ValueError(f"{where} lacks {missing}")
-        if ann["image_id"] not in by_image:
-            raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in 'images'")
-        category = categories.get(ann["category_id"])
-        if category is None:
-            raise ValueError(f"{where} has category_id {ann['category_id']}, which is not in 'categories'")
-        if len(ann["bbox"]) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {ann['bbox']}")
-        image = images[ann["image_id"]]
-        if "segmentation" in ann:
-            _check_segmentation(ann["segmentation"], image["height"], image["width"], where)
-        num_keypoints = len(category.get("keypoints", []))
-        if "keypoints" in tasks and num_keypoints and len(ann.get("keypoints", [])) != 3 * num_keypoints:
-            raise ValueError(
-                f"{where}: needs 'keypoints' with 3 x {num_keypoints} values for category {category['name']!r}"
-            )
+        if "image_id" in ann and ann["image_id"] in dropped:
+            continue
+        image = images.get(ann.get("image_id"))
+        try:
+            _check_annotation(ann, image, categories, where=where, tasks=tasks)
+        except ValueError as e:
+            if image is None:
+                orphans += 1
+                bad.report(where.removeprefix(f"{annotation_file}: "), e)
+            else:
+                bad.report(_image_record(image), e)
+            continue
         by_image[ann["image_id"]].append(ann)
-    return by_image
+    return by_image, orphans
+
+
+def _check_annotation(
+    ann: dict, image: dict | None, categories: dict[int, dict], *, where: str, tasks: Sequence[str]
+) -> None:
+    """ValueError naming ``where`` if the annotation is unusable; ``image`` is the image
+    entry its ``image_id`` names, if any."""
+    required = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if "instance_mask" in tasks else [])
+    missing = [k for k in required if k not in ann]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    if image is None:
+        raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in 'images'")
+    category = categories.get(ann["category_id"])
+    if category is None:
+        raise ValueError(f"{where} has category_id {ann['category_id']}, which is not in 'categories'")
+    if len(ann["bbox"]) != 4:
+        raise ValueError(f"{where}: bbox must be [x, y, w, h], got {ann['bbox']}")
+    if "segmentation" in ann:
+        _check_segmentation(ann["segmentation"], image["height"], image["width"], where)
+    num_keypoints = len(category.get("keypoints", []))
+    if "keypoints" in tasks and num_keypoints and len(ann.get("keypoints", [])) != 3 * num_keypoints:
+        raise ValueError(
+            f"{where}: needs 'keypoints' with 3 x {num_keypoints} values for category {category['name']!r}"
+        )
+
+
+def _image_record(image: dict) -> str:
+    """How a (complete) COCO image entry is named as a record: one shard sample."""
+    return f"image id {image['id']} ({image['file_name']})"
 
 
 def _check_segmentation(segmentation: list | dict, height: int, width: int, where: str) -> None:
@@ -455,10 +550,12 @@ def _write_source(
     shard_max_samples: int,
     shard_max_bytes: int,
     workers: int,
+    skipped: dict | None = None,
 ) -> Manifest:
     """Plan shards, check the manifest, write shards, then save the manifest.
 
-    ``where`` (the source's file or directory) prefixes error messages.
+    ``where`` (the source's file or directory) prefixes error messages; ``skipped``
+    (``BadRecords.summary``) is saved as ``skipped.json``, before the manifest.
     """
     keys: set[str] = set()
     for sample in samples:
@@ -474,6 +571,7 @@ def _write_source(
     # Drop an older manifest first: while shards are rewritten the directory must read as
     # incomplete, not as the old source pointing at new shards.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (out_dir / SKIPPED_NAME).unlink(missing_ok=True)  # an earlier run's, not this one's
     try:
         jobs = list(zip(shard_paths, plan))
         sizes = _parallel_map(_write_shard, jobs, workers=workers, desc=f"{manifest.name}: write shards")
@@ -487,6 +585,8 @@ def _write_source(
         raise
     for info, size in zip(manifest.shards, sizes):
         info.num_bytes = size
+    if skipped is not None:
+        (out_dir / SKIPPED_NAME).write_text(json.dumps(skipped, indent=1) + "\n")
     manifest.save(out_dir)
     manifest.root = str(out_dir)
     return manifest
@@ -534,3 +634,16 @@ def _parallel_map(fn: Callable[[T], R], items: list[T], *, workers: int, desc: s
     """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="it", leave=False))
+
+
+def _caught(fn: Callable[[T], R]) -> Callable[[T], R | FileNotFoundError | ValueError]:
+    """``fn`` returning, instead of raising, the errors that name a bad input file, so
+    the caller can apply the bad-sample policy to each item in input order."""
+
+    def call(item: T) -> R | FileNotFoundError | ValueError:
+        try:
+            return fn(item)
+        except (FileNotFoundError, ValueError) as e:
+            return e
+
+    return call

@@ -14,11 +14,15 @@ import json
 import sys
 from pathlib import Path
 
+from data_pipelines.bad_data import BAD_SAMPLE_POLICIES, TooManyBadSamples
 from data_pipelines.convert import (
     COCO_TASKS,
+    DEFAULT_BAD_SAMPLE_POLICY,
+    DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_SHARD_MAX_BYTES,
     DEFAULT_SHARD_MAX_SAMPLES,
     DEFAULT_WORKERS,
+    SKIPPED_NAME,
     convert_coco,
     convert_demo,
     convert_image_folder,
@@ -61,17 +65,27 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--shard-max-samples", type=int, default=DEFAULT_SHARD_MAX_SAMPLES)
         parser.add_argument("--shard-max-bytes", type=int, default=DEFAULT_SHARD_MAX_BYTES)
         parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+        parser.add_argument(
+            "--bad-sample-policy", choices=BAD_SAMPLE_POLICIES, default=DEFAULT_BAD_SAMPLE_POLICY,
+            help="raise: stop at the first bad image or annotation; skip: leave bad records out, "
+            f"list them in OUT/{SKIPPED_NAME}, fail past --max-bad-fraction",
+        )
+        parser.add_argument(
+            "--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+            help="with --bad-sample-policy skip: fail (writing nothing) when more of the records are bad",
+        )
 
 
 def run_data_command(args: argparse.Namespace) -> int:
     """Run the parsed ``polytask data`` command; returns the process exit code.
 
-    Bad input (missing files, malformed annotations) is reported on stderr as one line
-    naming the file, with exit code 1, instead of a traceback.
+    Bad input (missing files, malformed annotations, too many bad records under
+    ``--bad-sample-policy skip``) is reported on stderr as one line naming the file,
+    with exit code 1, instead of a traceback.
     """
     try:
         return args.data_run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TooManyBadSamples) as e:
         print(f"polytask data: error: {e}", file=sys.stderr)
         return 1
 
@@ -92,6 +106,8 @@ def _shard_options(args: argparse.Namespace) -> dict:
         "shard_max_samples": args.shard_max_samples,
         "shard_max_bytes": args.shard_max_bytes,
         "workers": args.workers,
+        "bad_sample_policy": args.bad_sample_policy,
+        "max_bad_fraction": args.max_bad_fraction,
     }
 
 
@@ -118,4 +134,8 @@ def _run_convert_image_folder(args: argparse.Namespace) -> int:
 
 def _report(num_samples: int, out: Path) -> int:
     print(f"{num_samples} samples -> {out / MANIFEST_NAME}")
+    skipped = out / SKIPPED_NAME
+    if skipped.is_file():
+        records = json.loads(skipped.read_text())["skipped"]
+        print(f"{len(records)} bad record(s) skipped, listed with their problems in {skipped}")
     return 0

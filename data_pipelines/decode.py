@@ -1,10 +1,22 @@
-"""One tar sample (members by extension, see ``manifest.py``) -> the per-sample schema dict."""
+"""One tar sample (members by extension, see ``manifest.py``) -> the per-sample schema dict.
+
+Reduced-size decoding: given ``decode_size`` (``TransformConfig.decode_size()``, the
+largest side the transforms resize to), a JPEG is decoded at 1/r of its size (r = 8, 4
+or 2, the largest that fits) with libjpeg's DCT scaling when both sides stay at least
+``decode_size`` and r divides both: less to decode and far less to resize, for pixels
+the resize would average away anyway. (A side r does not divide would end in a partial
+pixel, a frame slightly larger than the image's; such an r is not used, so the decoded
+frame is always exactly the original one divided by r.) Every annotation is then put
+in the decoded frame: boxes and keypoints divided by r (libjpeg maps original x to
+x / r), masks rasterised, and semantic masks sampled, at the decoded size.
+"""
 from __future__ import annotations
 
 import functools
 import io
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -21,25 +33,59 @@ from data_pipelines.schema import IGNORE_INDEX, task_mask_for
 IMAGE_EXTENSIONS = ("jpg", "png")
 
 
-def decode_sample(raw: dict[str, bytes], *, manifest: Manifest, label_space: LabelSpace) -> dict:
-    """Decode one webdataset sample; any problem raises ValueError naming shard URL and key."""
+def decode_sample(
+    raw: dict[str, bytes], *, manifest: Manifest, label_space: LabelSpace, decode_size: int | None = None
+) -> dict:
+    """Decode one webdataset sample; any problem raises ValueError naming shard URL and key.
+
+    ``decode_size``: see the module docstring; None decodes every image at full size.
+    """
     try:
-        return _decode(raw, manifest, label_space)
+        return _decode(raw, manifest, label_space, decode_size)
     except ValueError as e:
         raise ValueError(f"{raw.get('__url__', '<unknown shard>')}: sample {raw.get('__key__')!r}: {e}") from e
 
 
-def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace) -> dict:
+def full_size_semantic(raw: dict[str, bytes], *, manifest: Manifest, label_space: LabelSpace) -> torch.Tensor:
+    """The sample's semantic mask (label-space indices) at the original image size, for
+    evaluation, which scores there whatever size the sample was decoded at."""
+    try:
+        info = _decode_json(raw)["image"]
+        _require(info, ("width", "height"), "'json' image")
+        frame = Frame(info["height"], info["width"])
+        return _semantic(raw, label_space.semantic_remap[manifest.name], frame).as_subclass(torch.Tensor)
+    except ValueError as e:
+        raise ValueError(f"{raw.get('__url__', '<unknown shard>')}: sample {raw.get('__key__')!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Original image size, and the reduction ``r`` of the decoded one (1, 2, 4 or 8,
+    dividing both sides): original pixel coordinate x is decoded coordinate x / r."""
+
+    height: int
+    width: int
+    reduction: int = 1
+
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        return self.height // self.reduction, self.width // self.reduction
+
+
+def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, decode_size: int | None) -> dict:
     source = manifest.name
     tasks = set(manifest.tasks)
-    image = _decode_image(raw)
+    image, frame = _decode_image(raw, decode_size)
     height, width = image.shape[-2:]
     meta = _decode_json(raw)
-    _check_size(meta["image"], height, width)
+    _check_size(meta["image"], frame.height, frame.width)
     anns = meta["annotations"]
     for i, ann in enumerate(anns):
         _require(ann, ("bbox", "category_id"), f"annotation {i}")
         _check_bbox(ann["bbox"], i)
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    if frame.reduction > 1:
+        boxes /= frame.reduction
 
     sample = {
         "key": f"{source}/{raw['__key__']}",
@@ -47,25 +93,19 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace) 
         "image": image,
         "task_mask": _task_mask(tuple(manifest.tasks)),
         "boxes": F.convert_bounding_box_format(
-            tv_tensors.BoundingBoxes(
-                torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
-                format="XYWH",
-                canvas_size=(height, width),
-            ),
+            tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(height, width)),
             new_format="XYXY",
         ),
         "labels": _labels(anns, label_space.category_to_index.get(source)),
         "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
     }
     if "instance_mask" in tasks:
-        sample["masks"] = _instance_masks(anns, height, width)
+        sample["masks"] = _instance_masks(anns, frame)
     if "keypoints" in tasks:
         assert manifest.keypoints is not None  # Manifest.validate guarantees it
-        sample["keypoints"], sample["keypoint_visibility"] = _keypoints(
-            anns, len(manifest.keypoints.names), height, width
-        )
+        sample["keypoints"], sample["keypoint_visibility"] = _keypoints(anns, len(manifest.keypoints.names), frame)
     if "semantic" in tasks:
-        sample["semantic"] = _semantic(raw, label_space.semantic_remap[source], height, width)
+        sample["semantic"] = _semantic(raw, label_space.semantic_remap[source], frame)
     if "classification" in tasks:
         sample["class_label"] = _class_label(meta, label_space.class_remap[source])
     return sample
@@ -97,18 +137,59 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _decode_image(raw: dict[str, bytes]) -> tv_tensors.Image:
+def _decode_image(raw: dict[str, bytes], decode_size: int | None) -> tuple[tv_tensors.Image, Frame]:
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         members = sorted(k for k in raw if not k.startswith("__"))
         raise ValueError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); members are {members}")
+    if decode_size is not None and ext == "jpg":
+        reduced = _decode_jpeg_reduced(raw[ext], decode_size)
+        if reduced is not None:
+            return reduced
     try:
         # bytearray: torch.frombuffer warns on read-only buffers such as bytes.
         image = decode_image(torch.frombuffer(bytearray(raw[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ValueError(f"cannot decode {ext!r} member: {e}") from e
     # 16-bit PNGs decode to uint16; the schema is uint8.
-    return tv_tensors.Image(F.to_dtype(image, torch.uint8, scale=True))
+    image = tv_tensors.Image(F.to_dtype(image, torch.uint8, scale=True))
+    return image, Frame(*image.shape[-2:])
+
+
+def _decode_jpeg_reduced(data: bytes, decode_size: int) -> tuple[tv_tensors.Image, Frame] | None:
+    """The JPEG decoded at 1/r of its size (PIL's ``draft``: libjpeg DCT scaling), see
+    the module docstring; None when no reduction fits or the file is not a plain
+    RGB/grey JPEG, for the full-size path to decode (or reject) it exactly as without
+    ``decode_size``."""
+    try:
+        pil = Image.open(io.BytesIO(data), formats=["JPEG"])
+        width, height = pil.size
+        if pil.mode not in ("RGB", "L"):
+            return None  # CMYK and others: torchvision's colour conversion, as at full size
+        r = reduction_for(height, width, decode_size)
+        # draft picks the largest scale s in (8, 4, 2, 1) with s * requested <= both sides: r.
+        if r == 1 or pil.draft("RGB", (width // r, height // r)) is None:
+            return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    frame = Frame(height, width, reduction=r)
+    try:
+        pil = pil.convert("RGB")  # decodes; grey JPEGs are replicated to RGB as torchvision does
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ValueError(f"cannot decode 'jpg' member: {e}") from e
+    if (pil.height, pil.width) != frame.decoded_size:  # PIL and libjpeg must agree on the scale
+        raise RuntimeError(f"reduced JPEG decode gave {pil.size}, expected {frame.decoded_size[::-1]}")
+    # np.array: a writable copy (torch.from_numpy warns on read-only arrays). The CHW view
+    # of the HWC pixels is channels-last, the layout the uint8 resize kernel reads fastest.
+    return tv_tensors.Image(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), frame
+
+
+def reduction_for(height: int, width: int, decode_size: int) -> int:
+    """The largest r in (8, 4, 2) that keeps both sides >= ``decode_size`` and divides
+    both, else 1: the factor a JPEG of this size is decoded at."""
+    return next(
+        (r for r in (8, 4, 2) if min(height, width) >= r * decode_size and height % r == 0 and width % r == 0), 1
+    )
 
 
 def _decode_json(raw: dict[str, bytes]) -> dict:
@@ -144,38 +225,54 @@ def _labels(anns: list[dict], category_to_index: dict[int, int] | None) -> torch
     return torch.tensor([category_to_index[a["category_id"]] for a in anns], dtype=torch.int64)
 
 
-def _instance_masks(anns: list[dict], height: int, width: int) -> tv_tensors.Mask:
+def _instance_masks(anns: list[dict], frame: Frame) -> tv_tensors.Mask:
+    height, width = frame.decoded_size
     rles = []
     for i, ann in enumerate(anns):
         _require(ann, ("segmentation",), f"annotation {i}")
-        rles.append(_to_rle(ann["segmentation"], height, width, i))
+        rles.append(_to_rle(ann["segmentation"], frame, i))
     if not rles:
         return tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
     masks = mask_utils.decode(rles)  # [H, W, N], Fortran order
     return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1))))
 
 
-def _to_rle(segm: list | dict, height: int, width: int, i: int) -> dict:
-    """COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
+def _to_rle(segm: list | dict, frame: Frame, i: int) -> dict:
+    """COCO segmentation (polygons, uncompressed or compressed RLE, in the original
+    frame) -> compressed RLE at the decoded size."""
+    height, width = frame.decoded_size
+    r = frame.reduction
     if isinstance(segm, list):
         if not segm:
             # An empty polygon list labels no pixels.
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
         if not all(isinstance(poly, list) and all(_is_number(v) and math.isfinite(v) for v in poly) for poly in segm):
             raise ValueError(f"annotation {i}: segmentation polygons hold non-numeric or non-finite coordinates")
+        if r > 1:  # rasterised at the decoded size: cheaper than at full size and sampling
+            segm = [[v / r for v in poly] for poly in segm]
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
         raise ValueError(f"annotation {i}: segmentation is neither polygons nor RLE: {str(segm)[:80]}")
-    if list(segm["size"]) != [height, width]:
-        raise ValueError(f"annotation {i}: RLE size {segm['size']} != image size {[height, width]}")
+    if list(segm["size"]) != [frame.height, frame.width]:
+        raise ValueError(f"annotation {i}: RLE size {segm['size']} != image size {[frame.height, frame.width]}")
     if isinstance(segm["counts"], list):
-        return mask_utils.frPyObjects(segm, height, width)
+        segm = mask_utils.frPyObjects(segm, frame.height, frame.width)
+    if r > 1:
+        # An RLE is only defined at full size: decode it there, sample it as the image was.
+        full = mask_utils.decode(segm)
+        return mask_utils.encode(np.asfortranarray(_sample_pixels(full, frame)))
     return segm
 
 
-def _keypoints(
-    anns: list[dict], num_keypoints: int, height: int, width: int
-) -> tuple[tv_tensors.KeyPoints, torch.Tensor]:
+def _sample_pixels(array: np.ndarray, frame: Frame) -> np.ndarray:
+    """Nearest-neighbour sampling of a full-size label array (first two dims H, W) at the
+    decoded size: decoded pixel i covers original pixels [r i, r i + r), whose centre is
+    original pixel r i + r // 2."""
+    r = frame.reduction
+    return array[r // 2 :: r, r // 2 :: r]
+
+
+def _keypoints(anns: list[dict], num_keypoints: int, frame: Frame) -> tuple[tv_tensors.KeyPoints, torch.Tensor]:
     rows = []
     for i, ann in enumerate(anns):
         # Categories without keypoints (a car in a person-keypoints source) carry none:
@@ -188,11 +285,14 @@ def _keypoints(
     if not torch.isfinite(flat).all():
         bad = sorted({i for i, row in enumerate(rows) if not all(math.isfinite(v) for v in row)})
         raise ValueError(f"annotation(s) {bad}: non-finite keypoint values")
-    points = tv_tensors.KeyPoints(flat[..., :2].contiguous(), canvas_size=(height, width))
-    return points, flat[..., 2].to(torch.int64)
+    points = flat[..., :2].contiguous()
+    if frame.reduction > 1:
+        points /= frame.reduction
+    return tv_tensors.KeyPoints(points, canvas_size=frame.decoded_size), flat[..., 2].to(torch.int64)
 
 
-def _semantic(raw: dict[str, bytes], remap: list[int], height: int, width: int) -> tv_tensors.Mask:
+def _semantic(raw: dict[str, bytes], remap: list[int], frame: Frame) -> tv_tensors.Mask:
+    height, width = frame.height, frame.width
     if "seg.png" not in raw:
         raise ValueError("no 'seg.png' member for a semantic source")
     # PIL, not torchvision: palette PNGs must yield their indices, not RGB colours.
@@ -200,12 +300,22 @@ def _semantic(raw: dict[str, bytes], remap: list[int], height: int, width: int) 
         values = np.asarray(Image.open(io.BytesIO(raw["seg.png"])))
     except OSError as e:
         raise ValueError(f"cannot decode 'seg.png' member: {e}") from e
+    if values.dtype == bool:  # mode "1" PNGs; indices below must be integers
+        values = values.view(np.uint8)
     if values.shape != (height, width):
         raise ValueError(f"'seg.png' has shape {values.shape}, expected one channel of {(height, width)}")
     # Lookup table over every possible raw value: known ids -> index, 255 stays, others -1.
     lut = torch.full((max(int(values.max()), IGNORE_INDEX) + 1,), -1, dtype=torch.int64)
     lut[: len(remap)] = torch.tensor(remap, dtype=torch.int64)
     lut[IGNORE_INDEX] = IGNORE_INDEX
+    if frame.reduction > 1:
+        # Every pixel is checked, only the sampled ones are mapped.
+        present = np.zeros(len(lut), dtype=bool)
+        present[values] = True
+        unknown = np.flatnonzero(present & (lut < 0).numpy()).tolist()
+        if unknown:
+            raise ValueError(f"'seg.png' has unknown semantic id(s) {unknown}; the manifest lists {len(remap)} classes")
+        return tv_tensors.Mask(lut[torch.from_numpy(_sample_pixels(values, frame).astype(np.int64))])
     out = lut[torch.from_numpy(values.astype(np.int64))]
     if (out < 0).any():
         unknown = sorted(set(np.unique(values[(out < 0).numpy()]).tolist()))

@@ -14,6 +14,7 @@ import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from data_pipelines.bad_data import check_policy
 from data_pipelines.batch_transport import unpack
 from data_pipelines.data_metrics import data_metrics
 from data_pipelines.epoch_plan import SourcePlan
@@ -22,7 +23,7 @@ from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.prepare import SamplePreparer
 from data_pipelines.schema import Batch
 from data_pipelines.seeding import derive_seed
-from data_pipelines.stream import BAD_SAMPLE_POLICIES, MixedSourceStream
+from data_pipelines.stream import MixedSourceStream
 from data_pipelines.stream_state import merge_worker_states
 from data_pipelines.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
 from data_pipelines.transforms import TransformConfig, build_train_transforms
@@ -94,13 +95,7 @@ class DataConfig:
             )
         if self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.bad_sample_policy not in BAD_SAMPLE_POLICIES:
-            raise ValueError(
-                f"DataConfig.bad_sample_policy must be one of {list(BAD_SAMPLE_POLICIES)}, got {self.bad_sample_policy!r}"
-            )
-        if not 0.0 <= self.max_bad_fraction < 1.0:
-            # Below 1, so that a source with nothing but bad samples fails instead of spinning.
-            raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
+        check_policy(self.bad_sample_policy, self.max_bad_fraction, where="DataConfig")
 
 
 def load_manifests(cfg: DataConfig) -> list[Manifest]:
@@ -223,9 +218,9 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
             f"(world_size {world_size} x readers_per_rank {cfg.readers_per_rank}); every slot needs one per epoch"
         )
     flip_permutation = label_space.keypoints.flip_permutation() if label_space.keypoints else None
+    transform_cfgs = {m.name: s.transforms or cfg.transforms for m, s in zip(manifests, cfg.sources)}
     transforms = {
-        m.name: build_train_transforms(s.transforms or cfg.transforms, flip_permutation=flip_permutation)
-        for m, s in zip(manifests, cfg.sources)
+        name: build_train_transforms(t, flip_permutation=flip_permutation) for name, t in transform_cfgs.items()
     }
     sampler = TaskSampler(
         weights, strategy=cfg.sampling, composition=cfg.composition, batch_size=cfg.batch_size,
@@ -233,7 +228,10 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
     )
     dataset = MixedSourceStream(
         plans,
-        prepare=SamplePreparer(manifests, label_space=label_space, transforms=transforms, seed=cfg.seed),
+        prepare=SamplePreparer(
+            manifests, label_space=label_space, transforms=transforms, seed=cfg.seed,
+            decode_sizes={name: t.decode_size() for name, t in transform_cfgs.items()},
+        ),
         sampler=sampler,
         seed=cfg.seed,
         world_size=world_size,

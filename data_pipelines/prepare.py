@@ -27,15 +27,21 @@ class SamplePreparer:
         *,
         label_space: LabelSpace,
         transforms: dict[str, Callable[[dict], dict]],
+        decode_sizes: dict[str, int | None] | None = None,
         seed: int,
     ) -> None:
         self.manifests = {m.name: m for m in manifests}
         self.label_space = label_space
         self.transforms = transforms
+        # Per source, TransformConfig.decode_size() of its transforms; absent: full size.
+        self.decode_sizes = decode_sizes or {}
         self.seed = seed
 
     def __call__(self, raw: dict, *, source: str, epoch: int, shard: int, index: int) -> dict:
-        sample = decode_sample(raw, manifest=self.manifests[source], label_space=self.label_space)
+        sample = decode_sample(
+            raw, manifest=self.manifests[source], label_space=self.label_space,
+            decode_size=self.decode_sizes.get(source),
+        )
         # fork_rng: with num_workers=0 this runs in the trainer's process, whose RNG
         # (dropout, ...) must not move.
         with torch.random.fork_rng(devices=[]):

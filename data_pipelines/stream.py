@@ -21,8 +21,14 @@ from collections.abc import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_pipelines.bad_data import (  # noqa: F401 - the policies and errors stay importable from here
+    BAD_SAMPLE_POLICIES,
+    BadSampleError,
+    TooManyBadSamples,
+    check_policy,
+    too_many_bad,
+)
 from data_pipelines.batch_transport import PackedBatch, pack
-from data_pipelines.collate import collate
 from data_pipelines.epoch_plan import SourcePlan
 from data_pipelines.prepare import SamplePreparer
 from data_pipelines.shard_reader import ReadFailure
@@ -38,17 +44,6 @@ from data_pipelines.stream_state import (
 from data_pipelines.task_sampler import TaskSampler
 
 log = logging.getLogger(__name__)
-
-BAD_SAMPLE_POLICIES: tuple[str, ...] = ("raise", "skip")
-
-
-class BadSampleError(ValueError):
-    """A bad sample under policy ``raise``; the message names shard, key and problem."""
-
-
-class TooManyBadSamples(RuntimeError):
-    """More of a source is bad than ``data.max_bad_fraction`` allows."""
-
 
 class MixedSourceStream(IterableDataset):
     """Yields batches forever, packed for the hand-over (``batch_transport``);
@@ -68,8 +63,7 @@ class MixedSourceStream(IterableDataset):
         max_bad_fraction: float,
     ) -> None:
         super().__init__()
-        if bad_sample_policy not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"bad_sample_policy must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_sample_policy!r}")
+        check_policy(bad_sample_policy, max_bad_fraction, where="data")
         self.plans = {p.name: p for p in plans}
         self.prepare = prepare
         self.sampler = sampler
@@ -84,6 +78,8 @@ class MixedSourceStream(IterableDataset):
         self._state = initial_state(self.layout)
         # Built from the state on first use, in whichever process reads.
         self._readers: dict[tuple[int, str], SourceReader] = {}
+        # Read failures already logged: one truncated shard loses many samples, logged once.
+        self._logged_failures: set[tuple[int, str, tuple[int, int]]] = set()
 
     # --- position ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -113,7 +109,7 @@ class MixedSourceStream(IterableDataset):
             raise RuntimeError(f"reader {reader} is at batch {state['next_batch']}, asked for batch {batch}")
         samples = [self._next_good_sample(reader, source) for source in self.sampler.batch_sources(batch)]
         state["next_batch"] = batch + self.readers_per_rank
-        return pack(collate(samples))
+        return pack(samples)
 
     def _next_good_sample(self, reader: int, source: str) -> dict:
         counts = self._state["readers"][str(reader)]["sources"][source]
@@ -124,6 +120,11 @@ class MixedSourceStream(IterableDataset):
             counts["pending"] = pack_segments(stream.pending)
             if isinstance(item.payload, ReadFailure):
                 problem = str(item.payload)
+                # One failure (a truncated shard) loses a run of samples: each counts as
+                # bad, the failure is logged once, with the run.
+                failure = (item.epoch, item.payload.url, item.payload.lost)
+                note = None if failure in self._logged_failures else f"unreadable samples: {item.payload.summary()}"
+                self._logged_failures.add(failure)
             else:
                 try:
                     sample = self.prepare(
@@ -131,22 +132,27 @@ class MixedSourceStream(IterableDataset):
                     )
                 except ValueError as e:  # decode_sample's message names shard, key and problem
                     problem = str(e)
+                    note = f"bad sample: {problem}"
                 else:
                     counts["samples"] += 1
                     return sample
-            self._bad_sample(source, problem, counts, reader=reader, share_size=stream.share_size)
+            self._bad_sample(source, problem, counts, reader=reader, share_size=stream.share_size, note=note)
 
-    def _bad_sample(self, source: str, problem: str, counts: dict, *, reader: int, share_size: int) -> None:
+    def _bad_sample(
+        self, source: str, problem: str, counts: dict, *, reader: int, share_size: int, note: str | None
+    ) -> None:
+        """Raise, or count the sample as bad and log ``note`` (when given) as skipped."""
         if self.bad_sample_policy == "raise":
             raise BadSampleError(
                 f"source {source!r}: bad sample: {problem} (data.bad_sample_policy=skip drops and counts bad samples)"
             )
         counts["bad"] += 1
-        log.warning("source %r: skipped bad sample: %s", source, problem)
+        if note is not None:
+            log.warning("source %r: skipped %s", source, note)
         read = counts["samples"] + counts["bad"]
         # Judged against at least one epoch's share, so that an early bad sample is not
         # mistaken for a high rate.
-        if counts["bad"] > self.max_bad_fraction * max(read, share_size):
+        if too_many_bad(counts["bad"], max(read, share_size), self.max_bad_fraction):
             raise TooManyBadSamples(
                 f"source {source!r}: {counts['bad']} of {read} samples read by reader {reader} of rank {self.rank} "
                 f"were bad, more than "

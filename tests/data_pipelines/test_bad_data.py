@@ -58,11 +58,11 @@ def write_bad_source(root, case: str):
     write_source(root, samples, name="src", tasks=["detection", "instance_mask", "semantic"], shard_size=SHARD,
                  categories=CATEGORIES, semantic_classes=["bg", "thing"])
     if case == "truncated_tar":
-        # Cut shard 2 inside the first member of its sample #2: #2 and #3 are lost, and so is
-        # #1, which webdataset was still assembling (it cannot know #1 was complete).
+        # Cut shard 2 inside the data of the first member of its sample #2: #2 and #3 are
+        # lost; #0 and #1, complete before the cut, are read.
         path = root / "src-000002.tar"
         with tarfile.open(path) as tar:
-            cut = next(m.offset for m in tar.getmembers() if m.name.startswith(KEYS[2 * SHARD + 2])) + 600
+            cut = next(m.offset_data for m in tar.getmembers() if m.name.startswith(KEYS[2 * SHARD + 2])) + 100
         path.write_bytes(path.read_bytes()[:cut])
     return root
 
@@ -76,15 +76,17 @@ def loader_for(root, **overrides):
 
 
 ALL_CASES = [*CASES, "truncated_tar"]
-LOST = {case: [KEYS[BAD]] for case in CASES} | {"truncated_tar": KEYS[2 * SHARD + 1 : 3 * SHARD]}
-PROBLEM = {case: message for case, (_, message) in CASES.items()} | {"truncated_tar": "shard unreadable from here on"}
+LOST = {case: [KEYS[BAD]] for case in CASES} | {"truncated_tar": KEYS[2 * SHARD + 2 : 3 * SHARD]}
+# The truncation names where it happened: the member cut short and its offset.
+TRUNCATED = rf"shard truncated or corrupt after 2 samples: member '{KEYS[2 * SHARD + 2]}\.jpg' \(header at byte \d+\)"
+PROBLEM = {case: message for case, (_, message) in CASES.items()} | {"truncated_tar": TRUNCATED}
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_raise_names_shard_key_and_problem(tmp_path, case):
     loader = loader_for(write_bad_source(tmp_path, case), bad_sample_policy="raise")
     # The sample's key, or for a lost tail of a truncated tar, its index in the shard.
-    where = f"'{KEYS[BAD]}'" if case != "truncated_tar" else "sample #1"
+    where = f"'{KEYS[BAD]}'" if case != "truncated_tar" else "sample #[23]"
     shard = "src-000001.tar" if case != "truncated_tar" else "src-000002.tar"
     with pytest.raises(BadSampleError, match=f"{shard}.*{where}.*{PROBLEM[case]}"):
         list(itertools.islice(loader, 2 * N))
@@ -99,9 +101,13 @@ def test_skip_drops_counts_and_logs_and_loses_nothing_else(tmp_path, case, caplo
         epoch0 = [b.keys[0] for b in itertools.islice(loader, good + 1)][:good]
     # Every good sample of the epoch exactly once; only the bad ones are missing.
     assert sorted(epoch0) == [f"src/{k}" for k in KEYS if k not in LOST[case]]
+    # Every lost sample counts; a truncated shard, one failure, is logged once for all of them.
     assert loader.data_metrics()["data/src/bad_samples"] == len(LOST[case])
-    messages = [r.getMessage() for r in caplog.records if "skipped bad sample" in r.getMessage()]
-    assert len(messages) == len(LOST[case]) and all(re.search(PROBLEM[case], m) for m in messages)
+    messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(messages) == (len(LOST[case]) if case != "truncated_tar" else 1)
+    assert all(re.search(PROBLEM[case], m) for m in messages)
+    if case == "truncated_tar":
+        assert "src-000002.tar: 2 samples (#2-#3) lost: " in messages[0]
 
 
 def test_skip_fails_the_run_past_max_bad_fraction(tmp_path):

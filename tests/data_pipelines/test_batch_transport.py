@@ -1,23 +1,40 @@
+import pickle
+
 import torch
+from torchvision import tv_tensors
 
 from data_pipelines.batch_transport import pack, unpack
-from data_pipelines.schema import Batch, task_mask_for
+from data_pipelines.collate import collate
+from data_pipelines.schema import task_mask_for
 
 
-def test_pack_unpack_round_trip_with_targets_some_samples_lack():
-    targets = [
-        {"boxes": torch.rand(2, 4), "labels": torch.tensor([1, 2]), "masks": torch.ones(2, 5, 5, dtype=torch.uint8)},
-        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "class_label": torch.tensor(3),
-         "semantic": torch.full((5, 5), 7)},
-        {"boxes": torch.rand(1, 4), "labels": torch.tensor([0]), "masks": torch.zeros(1, 5, 5, dtype=torch.uint8),
-         "class_label": torch.tensor(1), "semantic": torch.zeros(5, 5, dtype=torch.int64)},
-    ]
-    batch = Batch(images=torch.rand(3, 3, 5, 5), targets=targets, task_mask=torch.stack([task_mask_for([])] * 3),
-                  keys=["a/1", "b/2", "c/3"], sources=["a", "b", "c"])
-    packed = pack(batch)
-    assert len(packed.targets) == 5  # one tensor per target key, not per sample
-    out = unpack(packed)
-    assert out.keys == batch.keys and out.sources == batch.sources and torch.equal(out.images, batch.images)
-    for got, want in zip(out.targets, targets):
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+def _sample(i: int, **targets) -> dict:
+    image = torch.randint(0, 256, (3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return {"key": f"s/{i}", "source": "s", "image": tv_tensors.Image(image),
+            "task_mask": task_mask_for(["detection"] if "boxes" in targets else []), **targets}
+
+
+SAMPLES = [
+    _sample(0, boxes=tv_tensors.BoundingBoxes(torch.rand(2, 4), format="XYXY", canvas_size=(5, 5)),
+            labels=torch.tensor([1, 2]), masks=tv_tensors.Mask(torch.ones(2, 5, 5, dtype=torch.uint8))),
+    _sample(1, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), class_label=torch.tensor(3),
+            semantic=tv_tensors.Mask(torch.full((5, 5), 7))),
+    _sample(2, boxes=torch.rand(1, 4), labels=torch.tensor([0]), masks=torch.zeros(1, 5, 5, dtype=torch.uint8),
+            class_label=torch.tensor(1), semantic=torch.zeros(5, 5, dtype=torch.int64)),
+]
+
+
+def test_unpack_of_pack_is_the_collated_batch_from_one_buffer():
+    packed = pack(SAMPLES)
+    # Everything in one tensor: one shared-memory segment per batch.
+    assert [v for v in vars(packed).values() if isinstance(v, torch.Tensor)] == [packed.buffer]
+    assert packed.buffer.dtype == torch.uint8  # images travel as uint8
+    out, want = unpack(pickle.loads(pickle.dumps(packed))), collate(SAMPLES)
+    assert out.keys == want.keys and out.sources == want.sources
+    assert out.images.dtype == torch.float32 and torch.equal(out.images, want.images)
+    assert torch.equal(out.task_mask, want.task_mask) and out.task_mask.dtype == torch.bool
+    for got, expected in zip(out.targets, want.targets):
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert type(got[k]) is torch.Tensor and got[k].dtype == expected[k].dtype, k
+            assert torch.equal(got[k], expected[k]), k

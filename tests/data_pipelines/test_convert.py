@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tarfile
 from collections import defaultdict
 from functools import partial
@@ -15,8 +16,10 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from data_pipelines.bad_data import TooManyBadSamples
 from data_pipelines.convert import (
     DEFAULT_KEYPOINT_SIGMA,
+    SKIPPED_NAME,
     convert_coco,
     convert_demo,
     convert_image_folder,
@@ -378,6 +381,117 @@ def test_bad_input_raises_naming_the_file_before_writing(case, raw, tiny_coco, t
     assert not out.exists() or not any(out.iterdir())
 
 
+# --- bad input under policy skip --------------------------------------------------------------
+# The tiny COCO source has images 42 (a.jpg, annotations 5 and 9), 7 (sub/b.png, annotation 3)
+# and 1000 (c.jpg, none). Each case breaks it once and names the record skip leaves out.
+
+
+def _corrupt_jpeg(images: Path, coco: dict) -> None:
+    (images / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg after all")
+
+
+def _image_entry_lacking_keys(images: Path, coco: dict) -> None:
+    del coco["images"][1]["width"]
+
+
+SKIP_CASES = {
+    # case: (break the source, the record left out, what its problem names, image ids kept)
+    "corrupt jpeg": (_corrupt_jpeg, "image id 1000 (c.jpg)", "c.jpg: not a decodable image", [42, 7]),
+    "annotation missing keys": (lambda images, coco: coco["annotations"][1].pop("bbox"), "image id 42 (a.jpg)",
+                                "annotation id 9 lacks ['bbox']", [7, 1000]),
+    "image entry missing keys": (_image_entry_lacking_keys, "image entry #1", "image 7 lacks ['width']", [42, 1000]),
+    "annotation of no image": (lambda images, coco: coco["annotations"][2].update(image_id=8), "annotation id 3",
+                               "refers to image id 8", [42, 7, 1000]),
+}
+
+
+def _broken_coco(tiny_coco, tmp_path, case: str) -> tuple[Path, Path]:
+    images = _copy_tree(tiny_coco[0], tmp_path / "images")
+    coco = json.loads(tiny_coco[1].read_text())
+    SKIP_CASES[case][0](images, coco)
+    (tmp_path / "edited.json").write_text(json.dumps(coco))
+    return images, tmp_path / "edited.json"
+
+
+@pytest.mark.parametrize("case", SKIP_CASES)
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_bad_record_raises_or_is_skipped_and_listed(tiny_coco, tmp_path, case, policy):
+    images, annotations = _broken_coco(tiny_coco, tmp_path, case)
+    _, record, problem, kept = SKIP_CASES[case]
+    out = tmp_path / "out"
+    convert = partial(convert_coco, images, annotations, out, name="x", tasks=["detection", "instance_mask"],
+                      shard_max_samples=1, bad_sample_policy=policy, max_bad_fraction=0.4)
+    if policy == "raise":  # the default: the first problem stops the conversion, nothing written
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            convert()
+        assert not out.exists() or not any(out.iterdir())
+        return
+    manifest = convert()
+    samples = _read_back_with_skipped(manifest)
+    assert sorted(json.loads(s["json"])["image"]["id"] for s in samples.values()) == sorted(kept)
+    for sample in samples.values():  # kept images keep all their annotations
+        meta = json.loads(sample["json"])
+        original = [a for a in json.loads(tiny_coco[1].read_text())["annotations"]
+                    if a["image_id"] == meta["image"]["id"] and not (case == "annotation of no image" and a["id"] == 3)]
+        assert meta["annotations"] == original
+    skipped = json.loads((out / SKIPPED_NAME).read_text())
+    records = 4 if case == "annotation of no image" else 3  # images, and annotations that name none
+    assert skipped["records"] == records and skipped["policy"] == "skip"
+    assert [r["record"] for r in skipped["skipped"]] == [record]
+    [message] = skipped["skipped"][0]["problems"]
+    # The problem names the file: the image, or the json and the annotation or image entry.
+    assert problem in message and str(images / "c.jpg" if case == "corrupt jpeg" else annotations) in message
+
+
+@pytest.mark.parametrize("options, field", [({"bad_sample_policy": "ignore"}, "bad_sample_policy"),
+                                            ({"max_bad_fraction": 1.0}, "max_bad_fraction")])
+def test_policy_options_are_checked(tiny_coco, tmp_path, options, field):
+    with pytest.raises(ValueError, match=f"convert.{field}"):
+        convert_coco(*tiny_coco, tmp_path, name="x", tasks=["detection"], **options)
+
+
+def _read_back_with_skipped(manifest) -> dict[str, dict[str, bytes]]:
+    skipped = Path(manifest.root) / SKIPPED_NAME
+    body = skipped.read_bytes()
+    skipped.unlink()  # _read_back allows only the manifest and shards
+    try:
+        return _read_back(manifest)
+    finally:
+        skipped.write_bytes(body)
+
+
+def test_skip_fails_past_max_bad_fraction_before_writing(tiny_coco, tmp_path):
+    images, annotations = _broken_coco(tiny_coco, tmp_path, "corrupt jpeg")
+    out = tmp_path / "out"
+    with pytest.raises(TooManyBadSamples, match=r"1 of 3 records are bad, more than max_bad_fraction=0.2 .*c\.jpg"):
+        convert_coco(images, annotations, out, name="x", tasks=["detection"], bad_sample_policy="skip",
+                     max_bad_fraction=0.2)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_skip_in_semantic_and_image_folder_sources(raw, tmp_path):
+    split_dir = _copy_tree(raw["shapes_semantic"]["val"], tmp_path / "semantic")
+    masks = sorted((split_dir / "masks").iterdir())
+    Image.new("L", (64, 128)).save(masks[-1])  # wrong size
+    manifest = convert_semantic(split_dir / "images", split_dir / "masks", tmp_path / "sem", name="sem",
+                                classes=SEMANTIC_CLASSES, bad_sample_policy="skip", max_bad_fraction=0.5)
+    assert manifest.num_samples == len(masks) - 1
+    listed = json.loads((tmp_path / "sem" / SKIPPED_NAME).read_text())["skipped"]
+    assert [r["record"] for r in listed] == [str(masks[-1])] and "64x128" in listed[0]["problems"][0]
+
+    root = _copy_tree(raw["shapes_classes"]["val"], tmp_path / "folder")
+    files = sorted(root.rglob("*.jpg"))
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])  # truncated
+    manifest = convert_image_folder(root, tmp_path / "cls", name="cls", bad_sample_policy="skip",
+                                    max_bad_fraction=0.5)
+    assert manifest.num_samples == len(files) - 1
+    listed = json.loads((tmp_path / "cls" / SKIPPED_NAME).read_text())["skipped"]
+    assert [r["record"] for r in listed] == [str(files[0])]
+    # Image ids stay 0..n-1 over the kept images.
+    ids = sorted(json.loads(s["json"])["image"]["id"] for s in _read_webdataset(manifest.shard_urls()).values())
+    assert ids == list(range(len(files) - 1))
+
+
 def test_failure_while_writing_leaves_no_shard_behind(tiny_coco, tmp_path):
     (tmp_path / "x-000001.tar").mkdir()  # the second shard cannot be renamed into place
     with pytest.raises(IsADirectoryError):
@@ -410,3 +524,14 @@ def test_cli_demo_and_convert(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert _cli(["convert", "imagefolder", "--root", str(missing), "--out", str(tmp_path / "x"), "--name", "x"]) == 1
     assert str(missing) in capsys.readouterr().err
+
+    broken = sorted(root.rglob("*.jpg"))[0]
+    broken.write_bytes(b"not an image")
+    args = ["convert", "imagefolder", "--root", str(root), "--out", str(tmp_path / "skip"), "--name", "cls"]
+    assert _cli(args) == 1 and str(broken) in capsys.readouterr().err  # raise is the default
+    assert _cli([*args, "--bad-sample-policy", "skip", "--max-bad-fraction", "0.5"]) == 0
+    assert f"1 bad record(s) skipped, listed with their problems in {tmp_path / 'skip' / SKIPPED_NAME}" in (
+        capsys.readouterr().out
+    )
+    assert _cli([*args, "--bad-sample-policy", "skip", "--max-bad-fraction", "0.1"]) == 1
+    assert "records are bad, more than max_bad_fraction=0.1" in capsys.readouterr().err

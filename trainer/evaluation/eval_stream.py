@@ -16,7 +16,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.collate import collate
-from data_pipelines.decode import decode_sample
+from data_pipelines.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import Batch
@@ -44,6 +44,7 @@ class EvalStream(IterableDataset):
         *,
         label_space: LabelSpace,
         transform: Callable[[dict], dict],
+        decode_size: int | None = None,
         rank: int,
         world_size: int,
         max_images: int | None,
@@ -54,6 +55,7 @@ class EvalStream(IterableDataset):
         self.manifests = manifests
         self.label_space = label_space
         self.transform = transform
+        self.decode_size = decode_size  # as training decodes (TransformConfig.decode_size())
         self.rank = rank
         self.world_size = world_size
         self.max_images = max_images
@@ -72,7 +74,7 @@ class EvalStream(IterableDataset):
                 index += 1
 
     def _prepare(self, raw: dict, manifest: Manifest) -> tuple[dict, ImageRecord]:
-        sample = decode_sample(raw, manifest=manifest, label_space=self.label_space)
+        sample = decode_sample(raw, manifest=manifest, label_space=self.label_space, decode_size=self.decode_size)
         image = json.loads(raw["json"])["image"]  # decode_sample checked it is there
         record = ImageRecord(
             source=manifest.name,
@@ -80,7 +82,8 @@ class EvalStream(IterableDataset):
             height=int(image["height"]),
             width=int(image["width"]),
             # Dense targets are scored at the original size, before the resize.
-            semantic=sample["semantic"].as_subclass(torch.Tensor) if "semantic" in sample else None,
+            semantic=full_size_semantic(raw, manifest=manifest, label_space=self.label_space)
+            if "semantic" in sample else None,
             class_label=int(sample["class_label"]) if "class_label" in sample else None,
         )
         return self.transform(sample), record
@@ -135,6 +138,7 @@ def build_eval_loader(
         manifests,
         label_space=label_space,
         transform=build_eval_transforms(transforms),
+        decode_size=transforms.decode_size(),
         rank=rank,
         world_size=world_size,
         max_images=max_images,
