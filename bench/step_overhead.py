@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bare-broadcast-buffers", choices=["on", "off"], default="on",
+                        help="the bare loop's DDP broadcast_buffers (on: DDP's default; the trainer turns it off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,7 +66,7 @@ def main() -> None:
         bare_opt = build_optimizer(bare, cfg.optim)
         bare_sched = build_scheduler(bare_opt, cfg.optim, max_steps=cfg.trainer.max_steps)
         if dist_info.world_size > 1:
-            bare = DistributedDataParallel(bare)
+            bare = DistributedDataParallel(bare, broadcast_buffers=args.bare_broadcast_buffers == "on")
 
         def bare_round() -> float:
             t0 = time.perf_counter()
@@ -87,16 +89,21 @@ def main() -> None:
 
         bare_round(), trainer_round()  # warm-up: allocator, first-call costs
         bare_t, trainer_t = [], []
-        for _ in range(args.rounds):
-            bare_t.append(bare_round())
-            trainer_t.append(trainer_round())
+        for r in range(args.rounds):
+            # ABBA order: whichever runs second in a round finds the other's memory in the caches
+            if r % 2 == 0:
+                bare_t.append(bare_round())
+                trainer_t.append(trainer_round())
+            else:
+                trainer_t.append(trainer_round())
+                bare_t.append(bare_round())
         trainer.metrics.close()
         shutdown_distributed()
 
     if dist_info.rank != 0:
         return
     b, t = statistics.median(bare_t), statistics.median(trainer_t)
-    print(f"world size {dist_info.world_size}")
+    print(f"world size {dist_info.world_size}; bare loop DDP broadcast_buffers {args.bare_broadcast_buffers}")
     print(f"bare loop    : {b * 1000:8.1f} ms/step (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"trainer step : {t * 1000:8.1f} ms/step")
     target = 1.05 if dist_info.world_size > 1 else 1.10

@@ -21,8 +21,12 @@ class DDPBackend(TrainBackend):
     def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device,
                  async_save: bool = False) -> None:
         # Every head takes part in every forward (exact zeros for absent tasks), so no
-        # find_unused_parameters graph walk is needed.
-        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters graph walk is needed. The model's buffers are constants
+        # (normalisation mean/std, frozen-BN statistics), equal on every rank from the start
+        # (DDP broadcasts them once here): re-broadcasting them before every forward would
+        # add a collective and a synchronisation point per step (measured, bench/step_overhead.py).
+        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             broadcast_buffers=False)
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
         self.grad_clip = optim.grad_clip
