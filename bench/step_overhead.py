@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bare-broadcast-buffers", choices=["on", "off"], default="on",
-                        help="the bare loop's DDP broadcast_buffers (on: DDP's default; the trainer turns it off)")
+    parser.add_argument("--bare-sync-buffers", choices=["on", "off"], default="on",
+                        help="the bare loop's DDP forward_sync_buffers (on: DDP's default; the trainer turns it off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,7 +66,7 @@ def main() -> None:
         bare_opt = build_optimizer(bare, cfg.optim)
         bare_sched = build_scheduler(bare_opt, cfg.optim, max_steps=cfg.trainer.max_steps)
         if dist_info.world_size > 1:
-            bare = DistributedDataParallel(bare, broadcast_buffers=args.bare_broadcast_buffers == "on")
+            bare = DistributedDataParallel(bare, forward_sync_buffers=args.bare_sync_buffers == "on")
 
         def bare_round() -> float:
             t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
     if dist_info.rank != 0:
         return
     b, t = statistics.median(bare_t), statistics.median(trainer_t)
-    print(f"world size {dist_info.world_size}; bare loop DDP broadcast_buffers {args.bare_broadcast_buffers}")
+    print(f"world size {dist_info.world_size}; bare loop DDP forward_sync_buffers {args.bare_sync_buffers}")
     print(f"bare loop    : {b * 1000:8.1f} ms/step (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"trainer step : {t * 1000:8.1f} ms/step")
     target = 1.05 if dist_info.world_size > 1 else 1.10

@@ -26,7 +26,7 @@ class DDPBackend(TrainBackend):
         # (DDP broadcasts them once here): re-broadcasting them before every forward would
         # add a collective and a synchronisation point per step (measured, bench/step_overhead.py).
         self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             broadcast_buffers=False)
+                                             forward_sync_buffers=False)
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
         self.grad_clip = optim.grad_clip
