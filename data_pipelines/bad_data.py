@@ -7,6 +7,8 @@ read is bad (a source that is mostly broken is a bug to fix, not noise to train 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,17 @@ class BadRecords:
             raise error
         log.warning("%s: skipped %s: %s", self.where, record, error)
         self.problems.setdefault(record, []).append(str(error))
+
+    def keep_good(self, items: list, results: list, *, record: Callable[[Any], str]) -> list[tuple[Any, Any]]:
+        """``(item, result)`` for the items whose check returned a result; an exception
+        returned instead (see the converters' ``_caught``) is reported under ``record(item)``."""
+        good = []
+        for item, result in zip(items, results):
+            if isinstance(result, Exception):
+                self.report(record(item), result)
+            else:
+                good.append((item, result))
+        return good
 
     def __contains__(self, record: str) -> bool:
         return record in self.problems

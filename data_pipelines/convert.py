@@ -212,12 +212,7 @@ def convert_semantic(
         return _inspect_semantic_pair(*pair, num_classes=len(classes))
 
     infos = _parallel_map(_caught(check), pairs, workers=workers, desc=f"{name}: check images")
-    good = []
-    for pair, info in zip(pairs, infos):
-        if isinstance(info, Exception):
-            bad.report(str(pair[1]), info)
-        else:
-            good.append((pair, info))
+    good = bad.keep_good(pairs, infos, record=lambda pair: str(pair[1]))
     bad.check(len(mask_paths))
     samples = []
     # The index (the json's image id) counts kept pairs: ids stay 0..n-1.
@@ -277,12 +272,7 @@ def convert_image_folder(
     bad = BadRecords(bad_sample_policy, max_bad_fraction, where=str(root))
     paths = [path for path, _ in files]
     infos = _parallel_map(_caught(_inspect_image), paths, workers=workers, desc=f"{name}: check images")
-    good = []
-    for file, info in zip(files, infos):
-        if isinstance(info, Exception):
-            bad.report(str(file[0]), info)
-        else:
-            good.append((file, info))
+    good = bad.keep_good(files, infos, record=lambda file: str(file[0]))
     bad.check(len(files))
     samples = []
     # The index (the json's image id) counts kept images: ids stay 0..n-1.
