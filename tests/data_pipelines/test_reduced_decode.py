@@ -189,3 +189,14 @@ def test_evaluation_gets_the_semantic_mask_at_full_size():
     assert decode(raw, 24)["semantic"].shape == (50, 67)
     full = full_size_semantic(raw, manifest=MANIFEST, label_space=SPACE)
     assert type(full) is torch.Tensor and torch.equal(full, decode(raw, None)["semantic"].as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("decode_size", [24, None])  # reduced (50 x 67) and full-size decode
+def test_eval_records_hold_the_full_size_semantic_mask(decode_size):
+    from trainer.evaluation.eval_stream import EvalStream
+
+    raw = big_sample(100, 134)
+    stream = EvalStream([MANIFEST], label_space=SPACE, transform=lambda s: s, decode_size=decode_size,
+                        rank=0, world_size=1, max_images=None)
+    _, record = stream._prepare(raw, MANIFEST)
+    assert torch.equal(record.semantic, decode(raw, None)["semantic"].as_subclass(torch.Tensor))

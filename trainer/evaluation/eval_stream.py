@@ -76,14 +76,18 @@ class EvalStream(IterableDataset):
     def _prepare(self, raw: dict, manifest: Manifest) -> tuple[dict, ImageRecord]:
         sample = decode_sample(raw, manifest=manifest, label_space=self.label_space, decode_size=self.decode_size)
         image = json.loads(raw["json"])["image"]  # decode_sample checked it is there
+        height, width = int(image["height"]), int(image["width"])
+        # Dense targets are scored at the original size, before the resize: decoded again
+        # only when the image (and with it the mask) was decoded at reduced size.
+        semantic = sample["semantic"].as_subclass(torch.Tensor) if "semantic" in sample else None
+        if semantic is not None and tuple(semantic.shape[-2:]) != (height, width):
+            semantic = full_size_semantic(raw, manifest=manifest, label_space=self.label_space)
         record = ImageRecord(
             source=manifest.name,
             image_id=int(image["id"]),
-            height=int(image["height"]),
-            width=int(image["width"]),
-            # Dense targets are scored at the original size, before the resize.
-            semantic=full_size_semantic(raw, manifest=manifest, label_space=self.label_space)
-            if "semantic" in sample else None,
+            height=height,
+            width=width,
+            semantic=semantic,
             class_label=int(sample["class_label"]) if "class_label" in sample else None,
         )
         return self.transform(sample), record
