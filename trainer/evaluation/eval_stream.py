@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.collate import collate
@@ -20,6 +19,7 @@ from data_pipelines.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import Batch
+from data_pipelines.tar_samples import TarSamples
 from data_pipelines.transforms import TransformConfig, build_eval_transforms
 
 
@@ -105,8 +105,8 @@ def source_samples(manifest: Manifest, *, max_images: int | None) -> Iterator[di
         first, offset = offset, offset + shard.num_samples
         if chosen is not None and not any(first <= i < offset for i in chosen):
             continue
-        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
-        for n, raw in enumerate(pipeline, start=first):
+        # The training stream's shard reader: same sample grouping, failures located in the shard.
+        for n, raw in enumerate(TarSamples(url), start=first):
             if chosen is None or n in chosen:
                 yield raw
 
