@@ -36,13 +36,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model and optimizer live (cuda: both savers copy to host)")
     args = parser.parse_args()
 
-    dist_info = init_distributed(device="cpu")
+    dist_info = init_distributed(device=args.device)
     torch.manual_seed(0)  # identical replicas on every rank
     num_classes = {t: 3 for t in TASKS} | {"keypoints": 5}
-    backend = DDPBackend(build_model(ModelConfig(), num_classes=num_classes), optim=OptimConfig(),
-                         max_steps=10, device=torch.device("cpu"), async_save=True)
+    backend = DDPBackend(build_model(ModelConfig(), num_classes=num_classes).to(dist_info.device), optim=OptimConfig(),
+                         max_steps=10, device=dist_info.device, async_save=True)
     for p in backend.model.parameters():  # populate AdamW's moments, as in a real checkpoint
         p.grad = torch.randn_like(p)  # same on every rank (same seed)
     backend.optimizer_step()
@@ -94,7 +96,7 @@ def main() -> None:
         return
 
     o, p, d, b = (statistics.median(x) for x in (ours, plain, durable, blocking))
-    print(f"world size {dist_info.world_size}; checkpoint size {size / 2**20:.1f} MiB")
+    print(f"world size {dist_info.world_size}, {dist_info.device.type}; checkpoint size {size / 2**20:.1f} MiB")
     print(f"torch.save (rank 0)    : {p * 1000:8.1f} ms (median of {args.repeats})")
     print(f"torch.save + fsync     : {d * 1000:8.1f} ms")
     print(f"polytask DCP (atomic)  : {o * 1000:8.1f} ms")

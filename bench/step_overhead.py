@@ -9,10 +9,12 @@ machine noise hits both alike; the ratio of medians is printed by rank 0.
 
     .venv/bin/python bench/step_overhead.py [--steps 20] [--rounds 5]        # one process
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/step_overhead.py --threads 1
+    python bench/step_overhead.py --device cuda --precision bf16            # one GPU, NCCL
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipelines.convert import convert_demo  # noqa: E402
 from data_pipelines.synthetic import generate_demo_data  # noqa: E402
 from models import build_model  # noqa: E402
+from trainer.backends.ddp import forward_buffer_sync  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -43,6 +46,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bare-sync-buffers", choices=["on", "off"], default="on",
                         help="the bare loop's DDP forward_sync_buffers (on: DDP's default; the trainer turns it off)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both loops run their forward under bf16 autocast")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both loops, e.g. data.batch_size=16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,26 +60,38 @@ def main() -> None:
         convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
         overrides = [f"data.sources.{i}.path={root / 'shards' / 'train' / s}" for i, s in enumerate(SOURCES)]
         overrides += [f"run.dir={root / 'run'}", "wandb.mode=disabled", "data.num_workers=0",
-                      "trainer.max_steps=100000", "checkpoint.resume=never", "eval.sources=[]", "eval.best_metric=null"]
+                      "trainer.max_steps=100000", "checkpoint.resume=never", "eval.sources=[]", "eval.best_metric=null",
+                      f"trainer.device={args.device}", f"trainer.precision={args.precision}", *args.set]
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml", overrides)
 
-        dist_info = init_distributed(device="cpu")
+        dist_info = init_distributed(device=args.device)
+        device = dist_info.device
         trainer = Trainer(cfg, dist_info)
         it = iter(trainer.loader)
-        batches = [next(it) for _ in range(args.steps)]
+        batches = [next(it).to(device) for _ in range(args.steps)]
 
         seed_everything(0)
         bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes())
         bare.load_state_dict(trainer.backend.module.state_dict())
+        bare.to(device)
         bare_opt = build_optimizer(bare, cfg.optim)
         bare_sched = build_scheduler(bare_opt, cfg.optim, max_steps=cfg.trainer.max_steps)
         if dist_info.world_size > 1:
-            bare = DistributedDataParallel(bare, forward_sync_buffers=args.bare_sync_buffers == "on")
+            bare = DistributedDataParallel(bare, device_ids=[device.index] if device.type == "cuda" else None,
+                                           **forward_buffer_sync(args.bare_sync_buffers == "on"))
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" \
+            else contextlib.nullcontext
+
+        def synchronize() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
         def bare_round() -> float:
+            synchronize()
             t0 = time.perf_counter()
             for b in batches:
-                losses = bare(b).losses
+                with autocast():
+                    losses = bare(b).losses
                 total = sum(losses.values())
                 bare_opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -79,12 +99,15 @@ def main() -> None:
                     torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.optim.grad_clip)
                 bare_opt.step()
                 bare_sched.step()
+            synchronize()
             return (time.perf_counter() - t0) / len(batches)
 
         def trainer_round() -> float:
+            synchronize()
             t0 = time.perf_counter()
             for b in batches:
                 trainer.train_step([b])
+            synchronize()
             return (time.perf_counter() - t0) / len(batches)
 
         bare_round(), trainer_round()  # warm-up: allocator, first-call costs
@@ -103,7 +126,9 @@ def main() -> None:
     if dist_info.rank != 0:
         return
     b, t = statistics.median(bare_t), statistics.median(trainer_t)
-    print(f"world size {dist_info.world_size}; bare loop DDP forward_sync_buffers {args.bare_sync_buffers}")
+    print(f"world size {dist_info.world_size}, {device.type} {args.precision}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''};"
+          f" bare loop DDP forward_sync_buffers {args.bare_sync_buffers}")
     print(f"bare loop    : {b * 1000:8.1f} ms/step (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"trainer step : {t * 1000:8.1f} ms/step")
     target = 1.05 if dist_info.world_size > 1 else 1.10

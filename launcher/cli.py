@@ -141,3 +141,7 @@ def _report(args: argparse.Namespace) -> int:
     for path in render_report(args.run_dir, out_dir=args.out):
         print(path)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,9 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible):"
+                               " start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -44,7 +47,9 @@ def init_distributed(*, device: str = "auto", timeout_s: int = 600) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = _pick_device(device, local_rank)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    # On GPU, CPU tensors still meet in a few small collectives (checkpoint agreement):
+    # gloo carries those, NCCL everything on the device.
+    backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         store = dist.TCPStore(

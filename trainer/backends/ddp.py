@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from trainer.checkpoint import read_dcp, write_dcp, write_dcp_async
 from trainer.optim import OptimConfig, build_optimizer, build_scheduler
 
 
+def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
+    """DDP's keyword for re-broadcasting buffers before every forward: torch 2.14 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers``; the CUDA images of GPU clusters
+    often carry an older torch, which knows only the old name."""
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return {name: enabled}
+
+
 class DDPBackend(TrainBackend):
     def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device,
                  async_save: bool = False) -> None:
@@ -26,7 +36,7 @@ class DDPBackend(TrainBackend):
         # (DDP broadcasts them once here): re-broadcasting them before every forward would
         # add a collective and a synchronisation point per step (measured, bench/step_overhead.py).
         self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             forward_sync_buffers=False)
+                                             **forward_buffer_sync(False))
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
         self.grad_clip = optim.grad_clip

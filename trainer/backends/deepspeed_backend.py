@@ -44,7 +44,10 @@ def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accum_
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
+        # bf16 = torch autocast with fp32 master weights, the same numerics as under DDP.
+        # DeepSpeed's own "bf16" section casts the weights to bf16 and then wants bf16 inputs
+        # (with it our fp32 image batch failed in the first conv on an H100).
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,  # our logger reports; keep DeepSpeed quiet
     }
     return _merge(generated, cfg.extra)
