@@ -29,6 +29,7 @@ from models import ModelConfig, build_model  # noqa: E402
 from trainer.backends.ddp import DDPBackend  # noqa: E402
 from trainer.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
 from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from trainer.garbage_collection import StepGarbageCollection  # noqa: E402
 from trainer.optim import OptimConfig  # noqa: E402
 
 
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the model and optimizer live (cuda: both savers copy to host)")
+    parser.add_argument("--gc", choices=["trainer", "auto"], default="trainer",
+                        help="trainer: Python's automatic GC off, as in the training loop (trainer.gc_every); "
+                             "auto: on, as a script without that schedule would run")
     args = parser.parse_args()
 
     dist_info = init_distributed(device=args.device)
@@ -54,6 +58,7 @@ def main() -> None:
     tmp = [tempfile.mkdtemp(dir=args.dir) if dist_info.is_main else None]
     dist.broadcast_object_list(tmp)
     root = Path(tmp[0])
+    collector = StepGarbageCollection(every=50 if args.gc == "trainer" else 0)
     try:
         checkpointer = Checkpointer(run_dir=root / "run", cfg=CheckpointConfig(keep_last=1), is_main=dist_info.is_main)
         ours, plain, durable, blocking = [], [], [], []
@@ -89,6 +94,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (root / "run" / "checkpoints").rglob("*") if f.is_file())
         dist.barrier()
     finally:
+        collector.close()
         if dist_info.is_main:
             shutil.rmtree(root, ignore_errors=True)
     shutdown_distributed()
@@ -96,7 +102,7 @@ def main() -> None:
         return
 
     o, p, d, b = (statistics.median(x) for x in (ours, plain, durable, blocking))
-    print(f"world size {dist_info.world_size}, {dist_info.device.type}; checkpoint size {size / 2**20:.1f} MiB")
+    print(f"world size {dist_info.world_size}, {dist_info.device.type}, gc {args.gc}; checkpoint size {size / 2**20:.1f} MiB")
     print(f"torch.save (rank 0)    : {p * 1000:8.1f} ms (median of {args.repeats})")
     print(f"torch.save + fsync     : {d * 1000:8.1f} ms")
     print(f"polytask DCP (atomic)  : {o * 1000:8.1f} ms")

@@ -1,7 +1,8 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
 
-Layout: ``<run.dir>/checkpoints/step_<N>/`` (``.metadata``, one ``.distcp`` per rank,
-``meta.json``) and ``checkpoints/latest``, a symlink to the newest complete one.
+Layout: ``<run.dir>/checkpoints/step_<N>/`` (``.metadata``, one ``.distcp`` of raw tensor
+bytes per rank (``trainer/checkpoint_storage.py``), ``meta.json``) and
+``checkpoints/latest``, a symlink to the newest complete one.
 
 Atomicity: every rank writes into ``step_<N>.partial``; only after all ranks finished
 (DCP's save is collective) does rank 0 write ``meta.json``, rename the directory and
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._nested_dict import set_element
+
+from trainer.checkpoint_storage import RawTensorReader, RawTensorWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,8 @@ class Checkpointer:
         self.is_main = is_main
         self._pending: tuple[int, Path, dict[str, Any], Future, float] | None = None
         self._saved_step: int | None = None
+        # Deleting old checkpoints (GBs on a shared filesystem) happens beside training.
+        self._pruner: threading.Thread | None = None
 
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
@@ -87,7 +94,10 @@ class Checkpointer:
 
     def poll(self, *, wait: bool = False) -> None:
         """Finalise a pending async save once every rank's write is done (collective: call
-        it at the same step on every rank; ``wait`` blocks until then)."""
+        it at the same step on every rank; ``wait`` blocks until then, and until old
+        checkpoints are pruned)."""
+        if wait:
+            self._join_pruner()
         if self._pending is None:
             return
         step, partial, meta, future, started = self._pending
@@ -109,7 +119,9 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(partial, final)
             _point_link(self.root, "latest", final.name)
-            self._prune()
+            self._join_pruner()
+            self._pruner = threading.Thread(target=self._prune, name="checkpoint-prune", daemon=True)
+            self._pruner.start()
             log.info("checkpoint saved: %s", final)
         dist.barrier()
 
@@ -135,6 +147,11 @@ class Checkpointer:
         """Point ``checkpoints/best`` at ``step_<step>``, which pruning then keeps."""
         if self.is_main:
             _point_link(self.root, "best", f"step_{step}")
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
     def _prune(self) -> None:
         best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
@@ -165,14 +182,14 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
 def write_dcp(state: dict[str, Any], directory: Path) -> None:
     """This rank's part of ``state`` into ``directory`` (collective)."""
-    dcp.save(state, checkpoint_id=str(directory))
+    dcp.save(state, storage_writer=RawTensorWriter(str(directory)))
 
 
 def write_dcp_async(state: dict[str, Any], directory: Path, *, process_group: dist.ProcessGroup) -> Future:
     """Like :func:`write_dcp`, but the state is copied to host memory and written by a
     background thread; its collectives use ``process_group`` (a gloo group of its own, so
     they never interleave with the training's)."""
-    return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
+    return dcp.async_save(state, storage_writer=RawTensorWriter(str(directory)), process_group=process_group)
 
 
 def read_dcp(state: dict[str, Any], directory: str | Path) -> None:
@@ -180,7 +197,7 @@ def read_dcp(state: dict[str, Any], directory: str | Path) -> None:
     both with ``weights_only=True``. Errors name the checkpoint and the first failure."""
     _check_compatible(state, directory)
     try:
-        dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyLoadPlanner())
+        dcp.load(state, storage_reader=RawTensorReader(str(directory)), planner=WeightsOnlyLoadPlanner())
     except CheckpointException as e:  # a BaseException carrying every rank's traceback
         rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -192,7 +209,10 @@ def _check_compatible(state: dict[str, Any], directory: str | Path) -> None:
     before DCP fails somewhere inside its planner."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    try:
+        stored = RawTensorReader(str(directory)).read_metadata().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointLoadError(f"{directory}: cannot read the checkpoint's metadata: {e}") from None
     # Tensors only: DCP's naming of tensor leaves is the dotted dict path, for sure.
     wanted = {k: v for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}
     missing = sorted(k for k in wanted if k not in stored)

@@ -39,12 +39,17 @@ class TrainerConfig:
     dist_timeout_s: int = 600
     # Micro-batches per optimizer step (data.batch_size each); gradients sync on the last.
     grad_accum_steps: int = 1
+    # Python's garbage collector runs every N steps on every rank together, not whenever a
+    # rank's allocations trigger it (trainer/garbage_collection.py); 0 = Python's automatic GC.
+    gc_every: int = 50
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"trainer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.gc_every < 0:
+            raise ValueError(f"trainer.gc_every must be >= 0, got {self.gc_every}")
         if self.log_every < 1:
             raise ValueError(f"trainer.log_every must be >= 1, got {self.log_every}")
         unknown = sorted(set(self.loss_weights) - set(TASKS))

@@ -34,6 +34,7 @@ from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
 from trainer.evaluation.best_metric import BestMetricTracker, check_best_metric_source
 from trainer.evaluation.evaluator import eval_dir, evaluate
+from trainer.garbage_collection import StepGarbageCollection
 from trainer.metrics_logger import MetricsLogger
 from trainer.preemption import PreemptionFlag, slurm_job_info
 from trainer.rng_state import get_rng_state, set_rng_state
@@ -253,6 +254,16 @@ class Trainer:
         self.backend.model.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main,
                         desc="train", dynamic_ncols=True)
+        collector = StepGarbageCollection(cfg.gc_every)
+        try:
+            self._train_until_done(progress, collector)
+        finally:
+            collector.close()
+        self.checkpointer.poll(wait=True)  # the last checkpoint is complete before we return
+        progress.close()
+
+    def _train_until_done(self, progress: tqdm, collector: StepGarbageCollection) -> None:
+        cfg = self.cfg.trainer
         window = self._new_window()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -278,8 +289,7 @@ class Trainer:
             if not last and self.preemption.requested():  # collective: every rank stops here
                 self._checkpoint_and_stop()
                 break
-        self.checkpointer.poll(wait=True)  # the last checkpoint is complete before we return
-        progress.close()
+            collector.step(self.step)
 
     def _new_window(self) -> _LogWindow:
         return _LogWindow(len(self.tasks), [m.name for m in self.manifests], self.device)
