@@ -86,16 +86,16 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     if frame.reduction > 1:
         boxes /= frame.reduction
+    # XYWH -> XYXY in place, the arithmetic of F.convert_bounding_box_format (float32
+    # x + w) without its per-call dispatch and copy.
+    boxes[:, 2:] += boxes[:, :2]
 
     sample = {
         "key": f"{source}/{raw['__key__']}",
         "source": source,
         "image": image,
         "task_mask": _task_mask(tuple(manifest.tasks)),
-        "boxes": F.convert_bounding_box_format(
-            tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(height, width)),
-            new_format="XYXY",
-        ),
+        "boxes": tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width)),
         "labels": _labels(anns, label_space.category_to_index.get(source)),
         "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
     }
@@ -174,7 +174,9 @@ def _decode_jpeg_reduced(data: bytes, decode_size: int) -> tuple[tv_tensors.Imag
         return None
     frame = Frame(height, width, reduction=r)
     try:
-        pil = pil.convert("RGB")  # decodes; grey JPEGs are replicated to RGB as torchvision does
+        pil.load()  # decodes
+        if pil.mode != "RGB":
+            pil = pil.convert("RGB")  # grey JPEGs are replicated to RGB as torchvision does
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ValueError(f"cannot decode 'jpg' member: {e}") from e
     if (pil.height, pil.width) != frame.decoded_size:  # PIL and libjpeg must agree on the scale

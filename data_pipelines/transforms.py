@@ -174,12 +174,14 @@ class HorizontalFlip:
     def __init__(self, *, p: float, flip_permutation: list[int] | None) -> None:
         self.p = p
         self.permutation = None if flip_permutation is None else torch.tensor(flip_permutation)
-        self._flip = v2.RandomHorizontalFlip(p=1.0)
 
     def __call__(self, sample: dict) -> dict:
         if torch.rand(()) >= self.p:
             return sample
-        out = self._flip(sample)
+        # What v2.RandomHorizontalFlip(p=1) does to the sample (each tv_tensor through its
+        # flip kernel, everything else as it is), without its per-call flattening and
+        # type dispatch, as in Resize.
+        out = {k: F.horizontal_flip(v) if isinstance(v, tv_tensors.TVTensor) else v for k, v in sample.items()}
         if "keypoints" in out:
             if self.permutation is None:
                 raise ValueError(f"sample {out.get('key')!r} has keypoints but no flip_permutation was given")
