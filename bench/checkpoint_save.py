@@ -91,6 +91,7 @@ def main() -> None:
             durable.append(time.perf_counter() - t0)
             if dist_info.is_main:
                 target.unlink()
+        checkpointer.finish()
         size = sum(f.stat().st_size for f in (root / "run" / "checkpoints").rglob("*") if f.is_file())
         dist.barrier()
     finally:

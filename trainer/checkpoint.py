@@ -94,10 +94,7 @@ class Checkpointer:
 
     def poll(self, *, wait: bool = False) -> None:
         """Finalise a pending async save once every rank's write is done (collective: call
-        it at the same step on every rank; ``wait`` blocks until then, and until old
-        checkpoints are pruned)."""
-        if wait:
-            self._join_pruner()
+        it at the same step on every rank; ``wait`` blocks until then)."""
         if self._pending is None:
             return
         step, partial, meta, future, started = self._pending
@@ -147,6 +144,11 @@ class Checkpointer:
         """Point ``checkpoints/best`` at ``step_<step>``, which pruning then keeps."""
         if self.is_main:
             _point_link(self.root, "best", f"step_{step}")
+
+    def finish(self) -> None:
+        """Every save complete and old checkpoints deleted (collective): before the job ends."""
+        self.poll(wait=True)
+        self._join_pruner()
 
     def _join_pruner(self) -> None:
         if self._pruner is not None:

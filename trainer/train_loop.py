@@ -259,7 +259,7 @@ class Trainer:
             self._train_until_done(progress, collector)
         finally:
             collector.close()
-        self.checkpointer.poll(wait=True)  # the last checkpoint is complete before we return
+        self.checkpointer.finish()  # the last checkpoint is complete before we return
         progress.close()
 
     def _train_until_done(self, progress: tqdm, collector: StepGarbageCollection) -> None:
@@ -299,7 +299,7 @@ class Trainer:
         save this step unless the loop just did, then tell the batch script."""
         if not self.checkpointer.should_save(self.step, last=False):
             self.save_checkpoint()
-        self.checkpointer.poll(wait=True)  # on disk before the batch script may requeue
+        self.checkpointer.finish()  # on disk before the batch script may requeue
         self.preemption.acknowledge(self.step)
         self.preempted = True
         log.info("checkpointed at step %d on request (%s); stopping for a requeue", self.step, self.preemption.request)

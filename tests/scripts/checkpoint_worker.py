@@ -57,7 +57,7 @@ for k, v in model.module.state_dict().items():
 for step in (2, 3, 4):
     train_one()
     ckpt.save(step, lambda d: write_dcp(state(), d), {})
-ckpt.poll(wait=True)  # old checkpoints are deleted in the background; this waits for it
+ckpt.finish()  # old checkpoints are deleted in the background; this waits for it
 dist.barrier()
 names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 assert names == ["latest", "step_3", "step_4"], names  # the stale partial was cleaned by save(2)
