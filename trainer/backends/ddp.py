@@ -35,29 +35,46 @@ class DDPBackend(TrainBackend):
         # (normalisation mean/std, frozen-BN statistics), equal on every rank from the start
         # (DDP broadcasts them once here): re-broadcasting them before every forward would
         # add a collective and a synchronisation point per step (measured, bench/step_overhead.py).
-        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             **forward_buffer_sync(False))
+        # One process: DDP would only copy every gradient into its buckets and all-reduce
+        # them with itself.
+        self.model = model if dist.get_world_size() == 1 else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **forward_buffer_sync(False))
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, max_steps=max_steps)
         self.grad_clip = optim.grad_clip
+        # When the last step's gradients are freed. On GPU right after the optimizer step, so
+        # that the next forward's activations can reuse their memory. On CPU just before the
+        # next backward: freed at once, glibc hands those megabytes back to the OS and the
+        # backward faults them in again page by page (10% of a CPU step here, gone when
+        # MALLOC_TRIM_THRESHOLD_ keeps them; bench/step_overhead.py).
+        self._free_grads_after_step = device.type != "cpu"
+        self._grads_to_free = False
         # Created on every rank in the same order (a collective); used by background writes.
         self._save_group = dist.new_group(backend="gloo") if async_save else None
 
     @property
     def module(self) -> nn.Module:
-        return self.model.module
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if last else self.model.no_sync()
+        if last or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._grads_to_free:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._grads_to_free = False
         loss.backward()
 
     def optimizer_step(self) -> torch.Tensor:
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._free_grads_after_step:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._grads_to_free = True
         self.scheduler.step()
         return grad_norm
 
