@@ -86,9 +86,10 @@ class RawTensorReader(FileSystemReader):
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        ours = [r for r in plan.items if isinstance(self.storage_data[r.storage_index], RawItem)]
-        if len(ours) < len(plan.items):  # DCP's own format
-            others = [r for r in plan.items if not isinstance(self.storage_data[r.storage_index], RawItem)]
+        ours, others = [], []
+        for req in plan.items:
+            (ours if isinstance(self.storage_data[req.storage_index], RawItem) else others).append(req)
+        if others:  # DCP's own format
             super().read_data(LoadPlan(others, plan.storage_data, plan.planner_data), planner).wait()
         by_file: dict[str, list] = {}
         for req in ours:
@@ -104,7 +105,10 @@ class RawTensorReader(FileSystemReader):
                         _check_length(len(data), info, path)
                         planner.load_bytes(req, io.BytesIO(data))
                         continue
-                    stored = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+                    dtype = getattr(torch, str(info.dtype), None)
+                    if not isinstance(dtype, torch.dtype):
+                        raise ValueError(f"{path}: {req.storage_index.fqn} has no valid dtype ({info.dtype!r})")
+                    stored = torch.empty(info.shape, dtype=dtype)
                     _check_length(stream.readinto(_byte_view(stored)), info, path)
                     tensor = narrow_tensor_by_index(stored, req.storage_offsets, req.lengths)
                     target = planner.resolve_tensor(req).detach()
