@@ -2,6 +2,7 @@
 fp32 weights. The first step's losses (same weights, same batches, no update yet) are
 therefore equal under DDP and DeepSpeed ZeRO-2."""
 import json
+import os
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def _train(demo_sources, run_dir, *extra):
                   "wandb.mode=disabled", "eval.sources=[]", "eval.best_metric=null", *extra]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", "--nproc-per-node=2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in rows if "step" in r}
