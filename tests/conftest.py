@@ -20,6 +20,13 @@ def run_torchrun(args: list[str], *, nproc: int = 2, timeout: float = 600, cwd: 
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def demo_source_overrides(shards: Path, *, split: str = "train", section: str = "data") -> list[str]:
+    """``<section>.sources.<i>.path=...`` for every demo source, in configs/demo_cpu.yaml's order."""
+    from data_pipelines.synthetic import DEMO_TASKS
+
+    return [f"{section}.sources.{i}.path={shards / split / s}" for i, s in enumerate(DEMO_TASKS)]
+
+
 @pytest.fixture(scope="session")
 def demo_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small demo data, generated and converted once per test session; returns the root

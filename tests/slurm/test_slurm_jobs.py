@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_source_overrides
 from tests.slurm.cluster import ENDED, SlurmCluster
 
 STEPS = 6
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
 SBATCH = REPO / "slurm" / "train.sbatch"
 # The polytask of the interpreter running the tests, whatever PATH says.
 POLYTASK = Path(sys.executable).parent / "polytask"
@@ -31,7 +30,7 @@ JOB_TIMEOUT = 300  # s; a job here takes 15-60 s
 
 def _overrides(demo_sources: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        *(f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(SOURCES)),
+        *demo_source_overrides(demo_sources),
         f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
         # Only the final checkpoint, plus the one made on request: a resume can only come from it.
         "checkpoint.every=0", "data.audit=true", "eval.sources=[]", "eval.best_metric=null",

@@ -9,10 +9,9 @@ import time
 
 import psutil
 
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_source_overrides
 
 STEPS = 8
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
 
 
 def _ranks(launcher_pid):
@@ -24,7 +23,7 @@ def _ranks(launcher_pid):
 
 def test_killed_rank_restarts_from_latest_checkpoint(demo_sources, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = [f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(SOURCES)]
+    overrides = demo_source_overrides(demo_sources)
     overrides += [f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
                   "checkpoint.every=3", "wandb.mode=disabled", "eval.sources=[]", "eval.best_metric=null", "trainer.dist_timeout_s=60"]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", "--nproc-per-node=2",

@@ -9,16 +9,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_source_overrides
 from trainer.backends.deepspeed_checkpoint import zero_model_state_dict
 
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
 STEPS = 2
 
 
 def _train(demo_sources, run_dir, *extra):
-    overrides = [f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(SOURCES)]
-    overrides += [f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.precision=bf16",
+    overrides = [*demo_source_overrides(demo_sources), f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.precision=bf16",
                   "wandb.mode=disabled", "eval.sources=[]", "eval.best_metric=null", *extra]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", "--nproc-per-node=2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -12,17 +12,15 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, SCRIPTS, run_torchrun
+from tests.conftest import REPO, SCRIPTS, demo_source_overrides, run_torchrun
 from trainer.backends.deepspeed_checkpoint import zero_model_state_dict
 from trainer.checkpoint import CheckpointConfig, Checkpointer
 
 STEPS = 8
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
 
 
 def _launch(demo_sources, run_dir, *extra, nproc=2):
-    overrides = [f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(SOURCES)]
-    overrides += [f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
+    overrides = [*demo_source_overrides(demo_sources), f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
                   "checkpoint.every=3", "checkpoint.keep_last=5", "wandb.mode=disabled", "data.audit=true", "eval.sources=[]", "eval.best_metric=null", *extra]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", f"--nproc-per-node={nproc}", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

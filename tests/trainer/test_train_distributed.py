@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from data_pipelines.schema import TASKS
-from tests.conftest import REPO
+from data_pipelines.synthetic import DEMO_TASKS
+from tests.conftest import REPO, demo_source_overrides
 from trainer.wandb_records import find_run_file, read_history
 
 STEPS = 6
@@ -16,9 +17,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def demo_run(demo_sources, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    sources = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
-    overrides = [f"data.sources.{i}.path={demo_sources / 'train' / s}" for i, s in enumerate(sources)]
-    overrides += [f"eval.sources.{i}.path={demo_sources / 'val' / s}" for i, s in enumerate(sources)]
+    overrides = [*demo_source_overrides(demo_sources), *demo_source_overrides(demo_sources, split="val", section="eval")]
     overrides += [f"run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.log_every=2", "data.num_workers=1"]
     cmd = [sys.executable, "-m", "launcher", "launch", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -59,12 +58,11 @@ def test_metrics_jsonl_has_every_task(demo_run):
 def test_total_loss_and_per_source_throughput_add_up(demo_run):
     run_dir, _ = demo_run
     rows, _ = _rows(run_dir)
-    sources = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
     for r in rows:
         # static weights: the total is the weighted sum of the logged per-task means
         expected = sum(r[f"weight/{t}"] * r.get(f"loss/{t}", 0.0) for t in TASKS)
         assert r["loss/total"] == pytest.approx(expected, rel=1e-5)
-        per_source = [r[f"throughput/{s}/images_per_s"] for s in sources]
+        per_source = [r[f"throughput/{s}/images_per_s"] for s in DEMO_TASKS]
         assert all(v >= 0 for v in per_source) and r["throughput/images_per_s"] > 0
         assert sum(per_source) == pytest.approx(r["throughput/images_per_s"], rel=1e-6)
 
