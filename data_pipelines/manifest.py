@@ -27,7 +27,10 @@ FORMAT_VERSION = "polytask-shards/1"
 
 @dataclass(kw_only=True)
 class ShardInfo:
-    path: str  # relative to the manifest's directory, or an absolute path / URL
+    # Relative to the manifest's directory and inside it. A manifest ships with downloaded
+    # data, so it is untrusted: URLs and ``pipe:`` commands come only from the user's config
+    # (``SourceConfig.shards``), never from here.
+    path: str
     num_samples: int
     num_bytes: int = 0
 
@@ -72,13 +75,8 @@ class Manifest:
         return sum(s.num_samples for s in self.shards)
 
     def shard_urls(self) -> list[str]:
-        """Shard locations, relative paths resolved against the manifest's directory."""
-        urls = []
-        for shard in self.shards:
-            p = shard.path
-            is_url = p.startswith("pipe:") or "://" in p or os.path.isabs(p)
-            urls.append(p if is_url else os.path.join(self.root, p))
-        return urls
+        """Shard files: the (validated, relative) paths joined to the manifest's directory."""
+        return [os.path.join(self.root, shard.path) for shard in self.shards]
 
     def validate(self, where: str) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -86,6 +84,14 @@ class Manifest:
             raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
         if not self.shards:
             raise ValueError(f"{where}: no shards listed")
+        for i, shard in enumerate(self.shards):
+            problem = unsafe_shard_path(shard.path)
+            if problem:
+                raise ValueError(
+                    f"{where}: shards[{i}].path {shard.path!r} {problem}; a manifest may only name shard "
+                    f"files inside its own directory (give URLs or pipe: commands in the config's "
+                    f"data.sources[].shards instead)"
+                )
         if "keypoints" in self.tasks and (self.keypoints is None or not self.keypoints.names):
             raise ValueError(f"{where}: labels 'keypoints' but has no 'keypoints.names'")
         if "semantic" in self.tasks and not self.semantic_classes:
@@ -107,6 +113,21 @@ class Manifest:
         tmp.write_text(json.dumps(self.to_json(), indent=2))
         os.replace(tmp, path)
         return path
+
+
+def unsafe_shard_path(path: str) -> str | None:
+    """Why ``path`` may not appear in a manifest, or None when it is a plain relative file
+    path that stays inside the manifest's directory (lexically; ``load_manifest`` also
+    refuses symlinks that lead out of it)."""
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    if ":" in path.split("/", 1)[0]:  # pipe:..., file:..., s3://..., http://...
+        return "is a URL or command"
+    if os.path.isabs(path) or path.startswith("~"):
+        return "is absolute"
+    if ".." in Path(path).parts:
+        return "leaves the manifest's directory"
+    return None
 
 
 _REQUIRED = ("name", "tasks", "shards")
@@ -137,4 +158,11 @@ def load_manifest(directory: str | Path) -> Manifest:
     except TypeError as e:
         raise ValueError(f"{path}: {e}") from None
     manifest.validate(str(path))
+    root = os.path.realpath(directory)
+    for i, url in enumerate(manifest.shard_urls()):
+        if os.path.commonpath([root, os.path.realpath(url)]) != root:
+            raise ValueError(
+                f"{path}: shards[{i}].path {manifest.shards[i].path!r} is a symlink that leads out of "
+                f"the source directory; a manifest may only name shard files inside it"
+            )
     return manifest

@@ -213,7 +213,7 @@ def _check_compatible(state: dict[str, Any], directory: str | Path) -> None:
 
     try:
         stored = RawTensorReader(str(directory)).read_metadata().state_dict_metadata
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointLoadError(f"{directory}: cannot read the checkpoint's metadata: {e}") from None
     # Tensors only: DCP's naming of tensor leaves is the dotted dict path, for sure.
     wanted = {k: v for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}

@@ -10,16 +10,20 @@ the two storage classes change.
 
 Why not ``FileSystemReader.read_metadata``: it is a plain ``pickle.load`` of
 ``.metadata``, so a crafted checkpoint would run code on load. Ours unpickles with an
-allow-list of DCP's metadata types and torch's dtype/size/layout constants.
+allow-list of DCP's metadata types and torch's dtype/size/layout constants, and then checks
+that every item's bytes lie inside a file of the checkpoint directory (a crafted item path
+such as ``/proc/self/environ`` would otherwise read any file into the weights).
 """
 from __future__ import annotations
 
 import io
 import os
 import pickle
-from torch.futures import Future
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
+
+from torch.futures import Future
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -80,6 +84,7 @@ class RawTensorReader(FileSystemReader):
             metadata = _MetadataUnpickler(f, source=str(path)).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+        check_storage_locations(metadata, str(self.path), source=str(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -120,6 +125,45 @@ class RawTensorReader(FileSystemReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+
+def check_storage_locations(metadata: Metadata, directory: str, *, source: str) -> None:
+    """Every item's ``relative_path`` names a regular file inside ``directory`` (no absolute
+    path, no ``..``, no symlink out of it), and its ``offset``/``length`` lie within that
+    file; a tensor item's length is its dtype and shape's byte size. Raises ValueError
+    naming the item otherwise. Applies to our RawItem and to DCP's own ``_StorageInfo``."""
+    root = os.path.realpath(directory)
+    sizes: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        item = f"item {getattr(index, 'fqn', index)!r}"
+        where = f"{source}: {item}"
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or rel.startswith(("/", "~")) or ".." in PurePosixPath(rel).parts:
+            raise ValueError(f"{where} points at {rel!r}, outside the checkpoint directory; not loading it")
+        if rel not in sizes:
+            full = os.path.realpath(os.path.join(root, rel))
+            if os.path.commonpath([root, full]) != root:
+                raise ValueError(f"{where} points at {rel!r}, a symlink out of the checkpoint directory; not loading it")
+            if not os.path.isfile(full):
+                raise ValueError(f"{where} points at {rel!r}, which is not a file of the checkpoint")
+            sizes[rel] = os.path.getsize(full)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+                and offset + length <= sizes[rel]):
+            raise ValueError(f"{os.path.join(directory, rel)}: truncated or crafted, {item} needs "
+                             f"bytes [{offset}, {offset}+{length}), the file has {sizes[rel]}")
+        if isinstance(info, RawItem) and info.dtype is not None:
+            dtype = getattr(torch, str(info.dtype), None)
+            shape = info.shape
+            if not isinstance(dtype, torch.dtype) or not isinstance(shape, tuple) or not all(
+                type(d) is int and d >= 0 for d in shape
+            ):
+                raise ValueError(f"{where}: invalid dtype {info.dtype!r} or shape {shape!r}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * dtype.itemsize != length:
+                raise ValueError(f"{where}: {length} bytes cannot hold a {info.dtype} tensor of shape {list(shape)}")
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:

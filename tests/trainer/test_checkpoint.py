@@ -138,3 +138,53 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
         shard.write_bytes(shard.read_bytes()[:100])
         with pytest.raises(CheckpointLoadError, match=r"__0_0\.distcp: truncated"):
             read_dcp({"w": torch.zeros(1000)}, tmp_path / "ckpt")
+
+
+def _rewrite_items(metadata_file, change) -> None:
+    """Rewrite every RawItem of our own (trusted) .metadata with ``change(item)``."""
+    import pickle
+
+    metadata = pickle.loads(metadata_file.read_bytes())
+    metadata.storage_data = {k: change(v) for k, v in metadata.storage_data.items()}
+    metadata_file.write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_crafted_item_paths_cannot_read_files_outside_the_checkpoint(tmp_path, where):
+    """An allow-listed .metadata whose item points at /proc/self/environ (or another file
+    outside the checkpoint) would otherwise load that file's bytes into the weights."""
+    import dataclasses
+    import os
+
+    import torch
+
+    from trainer.checkpoint import CheckpointLoadError, read_dcp, write_dcp
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"TOKEN=hunter2-" * 64)
+    ckpt = tmp_path / "ckpt"
+    with _one_rank_group():
+        write_dcp({"w": torch.ones(4)}, ckpt)
+        target = {"absolute": str(secret), "dotdot": "../secret.bin", "symlink": "link.distcp"}[where]
+        if where == "symlink":
+            os.symlink(secret, ckpt / "link.distcp")
+        _rewrite_items(ckpt / ".metadata", lambda item: dataclasses.replace(item, relative_path=target))
+        state = {"w": torch.zeros(4)}
+        with pytest.raises(CheckpointLoadError, match=r"item 'w' points at .*(outside|symlink out of) the checkpoint"):
+            read_dcp(state, ckpt)
+        assert torch.equal(state["w"], torch.zeros(4))
+
+
+@pytest.mark.parametrize("field, value", [("offset", 10**9), ("offset", -4), ("length", 10**9), ("length", 8)])
+def test_crafted_offsets_and_lengths_must_stay_within_the_shard(tmp_path, field, value):
+    import dataclasses
+
+    import torch
+
+    from trainer.checkpoint import CheckpointLoadError, read_dcp, write_dcp
+
+    with _one_rank_group():
+        write_dcp({"w": torch.ones(4), "v": torch.ones(4)}, tmp_path / "ckpt")
+        _rewrite_items(tmp_path / "ckpt" / ".metadata", lambda item: dataclasses.replace(item, **{field: value}))
+        with pytest.raises(CheckpointLoadError, match=r"(truncated or crafted, item|bytes cannot hold)"):
+            read_dcp({"w": torch.zeros(4), "v": torch.zeros(4)}, tmp_path / "ckpt")
