@@ -3,6 +3,8 @@
 ``raise`` stops at the first bad sample with an error naming it; ``skip`` drops it,
 counts it and logs it, and fails only once more than ``max_bad_fraction`` of what was
 read is bad (a source that is mostly broken is a bug to fix, not noise to train on).
+In training the fraction is judged per source over all ranks and data-loader workers,
+against at least ``min_samples`` samples read (see :func:`check_bad_fraction`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def check_policy(policy: str, max_bad_fraction: float, *, where: str) -> None:
 def too_many_bad(bad: int, total: int, max_bad_fraction: float) -> bool:
     """Whether ``bad`` of ``total`` is more than the policy allows."""
     return bad > max_bad_fraction * total
+
+
+def check_bad_fraction(
+    source: str, *, bad: int, read: int, max_bad_fraction: float, min_samples: int, where: str
+) -> None:
+    """Raise :class:`TooManyBadSamples` if more than ``max_bad_fraction`` of the samples of
+    ``source`` read (``where``: by whom) are bad, judged against at least ``min_samples``
+    samples: one bad sample among the first few read is not a high rate."""
+    if too_many_bad(bad, max(read, min_samples), max_bad_fraction):
+        raise TooManyBadSamples(
+            f"source {source!r}: {bad} of {read} samples read {where} were bad, more than "
+            f"data.max_bad_fraction={max_bad_fraction} (judged against at least "
+            f"data.bad_fraction_min_samples={min_samples} samples; each rank's warnings name its bad samples)"
+        )
 
 
 class BadRecords:

@@ -3,7 +3,8 @@
 Shard members follow the format in :mod:`data_pipelines.manifest`. Every converter runs
 the same three steps:
 
-1. read the source's index (COCO json, directory listing) and check its structure;
+1. read the source's index (COCO json, directory listing) and check its structure, and every
+   annotation's fields as the decoder will (``annotation_check``);
 2. decode every image (and mask) in parallel: a missing, unreadable or inconsistent file
    raises a ``FileNotFoundError``/``ValueError`` naming it *before* anything is written;
 3. write the shards in parallel, each to a temporary name renamed when complete, then
@@ -36,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from data_pipelines.annotation_check import check_annotation, check_image_entry, is_id
 from data_pipelines.bad_data import BadRecords
 from data_pipelines.manifest import MANIFEST_NAME, KeypointSchema, Manifest, ShardInfo
 from data_pipelines.synthetic import DEMO_TASKS
@@ -118,8 +120,9 @@ def convert_coco(
     if not set(tasks) <= set(COCO_TASKS):
         raise ValueError(f"{annotation_file}: a COCO source labels a subset of {list(COCO_TASKS)}, got {list(tasks)}")
     coco, incomplete = _load_coco(annotation_file, bad)
+    dropped = {i["id"] for i in incomplete if isinstance(i, dict) and is_id(i.get("id"))}
     anns_by_image, orphans = _group_annotations(
-        coco, annotation_file=annotation_file, tasks=tasks, bad=bad, dropped={i["id"] for i in incomplete if "id" in i}
+        coco, annotation_file=annotation_file, tasks=tasks, bad=bad, dropped=dropped
     )
     images = [image for image in coco["images"] if _image_record(image) not in bad]
     paths = [images_dir / image["file_name"] for image in images]
@@ -355,21 +358,42 @@ def _load_coco(annotation_file: Path, bad: BadRecords) -> tuple[dict, list[dict]
         coco = json.loads(annotation_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{annotation_file}: not valid JSON ({e})") from None
+    if not isinstance(coco, dict):
+        raise ValueError(f"{annotation_file}: the json is a {type(coco).__name__}, expected an object")
     missing = [k for k in ("images", "annotations", "categories") if k not in coco]
     if missing:
         raise ValueError(f"{annotation_file}: missing top-level key(s) {missing}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco[key], list):
+            raise ValueError(f"{annotation_file}: {key!r} is {json.dumps(coco[key])[:40]}, expected a list")
     if not coco["images"]:
         raise ValueError(f"{annotation_file}: no images")
+    for category in coco["categories"]:  # they make the label space: a bad one fails the source
+        category_id = category.get("id") if isinstance(category, dict) else None
+        if not isinstance(category_id, int) or isinstance(category_id, bool) or not isinstance(category.get("name"), str):
+            raise ValueError(f"{annotation_file}: category {str(category)[:80]} needs an integer 'id' and a 'name'")
     complete, incomplete = [], []
     for index, image in enumerate(coco["images"]):
-        lacking = [k for k in ("id", "file_name", "width", "height") if k not in image]
-        if lacking:
-            error = ValueError(f"{annotation_file}: image {image.get('id', image)} lacks {lacking}")
+        try:
+            _check_image_entry(image, annotation_file)
+        except ValueError as error:
             bad.report(f"image entry #{index}", error)
             incomplete.append(image)
         else:
             complete.append(image)
     return coco | {"images": complete}, incomplete
+
+
+def _check_image_entry(image: object, annotation_file: Path) -> None:
+    if not isinstance(image, dict):
+        raise ValueError(f"{annotation_file}: image entry {str(image)[:80]} is not an object")
+    lacking = [k for k in ("id", "file_name", "width", "height") if k not in image]
+    if lacking:
+        raise ValueError(f"{annotation_file}: image {image.get('id', image)} lacks {lacking}")
+    where = f"{annotation_file}: image {image['id']!r}"
+    if not is_id(image["id"]) or not isinstance(image["file_name"], str):
+        raise ValueError(f"{where}: 'id' must be an integer or string and 'file_name' a string")
+    check_image_entry(image, what=where)
 
 
 def _group_annotations(
@@ -391,13 +415,18 @@ def _group_annotations(
         by_image[image["id"]] = []
         images[image["id"]] = image
     orphans = 0
+    keypoint_categories = [c for c in coco["categories"] if c.get("keypoints")]
+    # The decoder checks any annotation's keypoints against the source's one schema.
+    num_keypoints = len(keypoint_categories[0]["keypoints"]) if "keypoints" in tasks and keypoint_categories else None
     for index, ann in enumerate(coco["annotations"]):
-        where = f"{annotation_file}: annotation id {ann.get('id', f'#{index} (no id)')}"
-        if "image_id" in ann and ann["image_id"] in dropped:
+        ann_id = ann.get("id", f"#{index} (no id)") if isinstance(ann, dict) else f"#{index}"
+        where = f"{annotation_file}: annotation id {ann_id}"
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if is_id(image_id) and image_id in dropped:
             continue
-        image = images.get(ann.get("image_id"))
+        image = images.get(image_id) if is_id(image_id) else None
         try:
-            _check_annotation(ann, image, categories, where=where, tasks=tasks)
+            _check_annotation(ann, image, categories, where=where, tasks=tasks, num_keypoints=num_keypoints)
         except ValueError as e:
             if image is None:
                 orphans += 1
@@ -410,25 +439,28 @@ def _group_annotations(
 
 
 def _check_annotation(
-    ann: dict, image: dict | None, categories: dict[int, dict], *, where: str, tasks: Sequence[str]
+    ann: object, image: dict | None, categories: dict[int, dict], *, where: str, tasks: Sequence[str],
+    num_keypoints: int | None,
 ) -> None:
-    """ValueError naming ``where`` if the annotation is unusable; ``image`` is the image
-    entry its ``image_id`` names, if any."""
+    """ValueError naming ``where`` if the annotation is unusable (the decoder's checks, see
+    ``annotation_check``, and the references to image and category); ``image`` is the
+    image entry its ``image_id`` names, if any."""
+    if not isinstance(ann, dict):
+        raise ValueError(f"{where} is {json.dumps(ann)[:40]}, expected an object")
     required = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if "instance_mask" in tasks else [])
     missing = [k for k in required if k not in ann]
     if missing:
         raise ValueError(f"{where} lacks {missing}")
+    if not is_id(ann["image_id"]):
+        raise ValueError(f"{where}: image_id {ann['image_id']!r} is not an integer or string")
     if image is None:
         raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in 'images'")
+    check_annotation(ann, what=where, image_size=(image["height"], image["width"]), num_keypoints=num_keypoints,
+                     require_segmentation="instance_mask" in tasks)
     category = categories.get(ann["category_id"])
     if category is None:
         raise ValueError(f"{where} has category_id {ann['category_id']}, which is not in 'categories'")
-    if len(ann["bbox"]) != 4:
-        raise ValueError(f"{where}: bbox must be [x, y, w, h], got {ann['bbox']}")
-    if "segmentation" in ann:
-        _check_segmentation(ann["segmentation"], image["height"], image["width"], where)
-    num_keypoints = len(category.get("keypoints", []))
-    if "keypoints" in tasks and num_keypoints and len(ann.get("keypoints", [])) != 3 * num_keypoints:
+    if num_keypoints is not None and category.get("keypoints") and "keypoints" not in ann:
         raise ValueError(
             f"{where}: needs 'keypoints' with 3 x {num_keypoints} values for category {category['name']!r}"
         )
@@ -437,17 +469,6 @@ def _check_annotation(
 def _image_record(image: dict) -> str:
     """How a (complete) COCO image entry is named as a record: one shard sample."""
     return f"image id {image['id']} ({image['file_name']})"
-
-
-def _check_segmentation(segmentation: list | dict, height: int, width: int, where: str) -> None:
-    """Polygons must be flat [x, y, ...] lists; an RLE must be sized like its image."""
-    if isinstance(segmentation, dict):
-        if "counts" not in segmentation or list(segmentation.get("size", [])) != [height, width]:
-            raise ValueError(
-                f"{where}: RLE segmentation needs 'counts' and 'size' == [{height}, {width}] (the image's)"
-            )
-    elif not all(isinstance(p, list) and len(p) % 2 == 0 for p in segmentation):
-        raise ValueError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists")
 
 
 def _keypoint_schema(categories: list[dict], annotation_file: Path) -> KeypointSchema | None:

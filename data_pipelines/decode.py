@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from data_pipelines.annotation_check import check_annotation, check_annotation_list, check_image_entry
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import IGNORE_INDEX, task_mask_for
@@ -42,7 +42,9 @@ def decode_sample(
     """
     try:
         return _decode(raw, manifest, label_space, decode_size)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
+        # TypeError too: the json's fields are checked (annotation_check), but a mistyped
+        # field missed there must still name the sample and be a bad sample, not kill the rank.
         raise ValueError(f"{raw.get('__url__', '<unknown shard>')}: sample {raw.get('__key__')!r}: {e}") from e
 
 
@@ -50,9 +52,7 @@ def full_size_semantic(raw: dict[str, bytes], *, manifest: Manifest, label_space
     """The sample's semantic mask (label-space indices) at the original image size, for
     evaluation, which scores there whatever size the sample was decoded at."""
     try:
-        info = _decode_json(raw)["image"]
-        _require(info, ("width", "height"), "'json' image")
-        frame = Frame(info["height"], info["width"])
+        frame = Frame(*check_image_entry(_decode_json(raw)["image"], what="'json' image"))
         return _semantic(raw, label_space.semantic_remap[manifest.name], frame).as_subclass(torch.Tensor)
     except ValueError as e:
         raise ValueError(f"{raw.get('__url__', '<unknown shard>')}: sample {raw.get('__key__')!r}: {e}") from e
@@ -79,10 +79,11 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
     height, width = image.shape[-2:]
     meta = _decode_json(raw)
     _check_size(meta["image"], frame.height, frame.width)
-    anns = meta["annotations"]
+    anns = check_annotation_list(meta["annotations"], what="'json' annotations")
+    num_keypoints = len(manifest.keypoints.names) if "keypoints" in tasks and manifest.keypoints else None
     for i, ann in enumerate(anns):
-        _require(ann, ("bbox", "category_id"), f"annotation {i}")
-        _check_bbox(ann["bbox"], i)
+        check_annotation(ann, what=f"annotation {i}", image_size=(frame.height, frame.width),
+                         num_keypoints=num_keypoints, require_segmentation="instance_mask" in tasks)
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     if frame.reduction > 1:
         boxes /= frame.reduction
@@ -122,19 +123,6 @@ def _require(d: dict, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
         raise ValueError(f"{what} is missing key(s) {missing}")
-
-
-def _check_bbox(bbox: object, i: int) -> None:
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        raise ValueError(f"annotation {i}: bbox {bbox} is not [x, y, w, h]")
-    if not all(math.isfinite(v) for v in bbox):
-        raise ValueError(f"annotation {i}: bbox {bbox} has a non-finite coordinate")
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise ValueError(f"annotation {i}: bbox {bbox} has a negative size")
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _decode_image(raw: dict[str, bytes], decode_size: int | None) -> tuple[tv_tensors.Image, Frame]:
@@ -207,13 +195,11 @@ def _decode_json(raw: dict[str, bytes]) -> dict:
     return meta
 
 
-def _check_size(image_info: dict, height: int, width: int) -> None:
-    _require(image_info, ("width", "height"), "'json' image")
-    if (image_info["height"], image_info["width"]) != (height, width):
+def _check_size(image_info: object, height: int, width: int) -> None:
+    size = check_image_entry(image_info, what="'json' image")
+    if size != (height, width):
         # Annotations are in the json's pixel frame; a mismatch would misplace every box.
-        raise ValueError(
-            f"image decodes to {height}x{width} (HxW) but json says {image_info['height']}x{image_info['width']}"
-        )
+        raise ValueError(f"image decodes to {height}x{width} (HxW) but json says {size[0]}x{size[1]}")
 
 
 def _labels(anns: list[dict], category_to_index: dict[int, int] | None) -> torch.Tensor:
@@ -229,34 +215,25 @@ def _labels(anns: list[dict], category_to_index: dict[int, int] | None) -> torch
 
 def _instance_masks(anns: list[dict], frame: Frame) -> tv_tensors.Mask:
     height, width = frame.decoded_size
-    rles = []
-    for i, ann in enumerate(anns):
-        _require(ann, ("segmentation",), f"annotation {i}")
-        rles.append(_to_rle(ann["segmentation"], frame, i))
+    rles = [_to_rle(ann["segmentation"], frame) for ann in anns]  # checked by check_annotation
     if not rles:
         return tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
     masks = mask_utils.decode(rles)  # [H, W, N], Fortran order
     return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1))))
 
 
-def _to_rle(segm: list | dict, frame: Frame, i: int) -> dict:
+def _to_rle(segm: list | dict, frame: Frame) -> dict:
     """COCO segmentation (polygons, uncompressed or compressed RLE, in the original
-    frame) -> compressed RLE at the decoded size."""
+    frame, as ``check_segmentation`` accepts) -> compressed RLE at the decoded size."""
     height, width = frame.decoded_size
     r = frame.reduction
     if isinstance(segm, list):
         if not segm:
             # An empty polygon list labels no pixels.
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
-        if not all(isinstance(poly, list) and all(_is_number(v) and math.isfinite(v) for v in poly) for poly in segm):
-            raise ValueError(f"annotation {i}: segmentation polygons hold non-numeric or non-finite coordinates")
         if r > 1:  # rasterised at the decoded size: cheaper than at full size and sampling
             segm = [[v / r for v in poly] for poly in segm]
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
-        raise ValueError(f"annotation {i}: segmentation is neither polygons nor RLE: {str(segm)[:80]}")
-    if list(segm["size"]) != [frame.height, frame.width]:
-        raise ValueError(f"annotation {i}: RLE size {segm['size']} != image size {[frame.height, frame.width]}")
     if isinstance(segm["counts"], list):
         segm = mask_utils.frPyObjects(segm, frame.height, frame.width)
     if r > 1:
@@ -275,18 +252,10 @@ def _sample_pixels(array: np.ndarray, frame: Frame) -> np.ndarray:
 
 
 def _keypoints(anns: list[dict], num_keypoints: int, frame: Frame) -> tuple[tv_tensors.KeyPoints, torch.Tensor]:
-    rows = []
-    for i, ann in enumerate(anns):
-        # Categories without keypoints (a car in a person-keypoints source) carry none:
-        # all visibility 0, "not labelled".
-        values = ann.get("keypoints", [0] * (3 * num_keypoints))
-        if len(values) != 3 * num_keypoints:
-            raise ValueError(f"annotation {i}: {len(values)} keypoint values, expected 3 x {num_keypoints} (x, y, v)")
-        rows.append(values)
+    # Categories without keypoints (a car in a person-keypoints source) carry none: all
+    # visibility 0, "not labelled". Present ones are checked by check_annotation.
+    rows = [ann.get("keypoints", [0] * (3 * num_keypoints)) for ann in anns]
     flat = torch.tensor(rows, dtype=torch.float32).reshape(len(anns), num_keypoints, 3)
-    if not torch.isfinite(flat).all():
-        bad = sorted({i for i, row in enumerate(rows) if not all(math.isfinite(v) for v in row)})
-        raise ValueError(f"annotation(s) {bad}: non-finite keypoint values")
     points = flat[..., :2].contiguous()
     if frame.reduction > 1:
         points /= frame.reduction

@@ -2,7 +2,9 @@
 
 Trainer API: ``build_train_loader(cfg, rank=, world_size=) -> (loader, label_space,
 manifests)``; ``loader.state_dict()`` / ``loader.load_state_dict(sd)`` (plain ints and
-strings; load before iterating) and ``loader.data_metrics()`` (``data/...`` floats).
+strings; load before iterating), ``loader.data_metrics()`` (``data/...`` floats) and
+``loader.bad_sample_counts()`` / ``loader.check_bad_samples(summed)`` (the bad-sample
+fraction of each source, judged over all ranks).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipelines.bad_data import check_policy
+from data_pipelines.bad_data import check_bad_fraction, check_policy
 from data_pipelines.batch_transport import unpack
-from data_pipelines.data_metrics import data_metrics
+from data_pipelines.data_metrics import data_metrics, source_counts
 from data_pipelines.epoch_plan import SourcePlan
 from data_pipelines.label_space import LabelSpace, build_label_space
 from data_pipelines.manifest import Manifest, load_manifest
@@ -54,7 +56,10 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 64  # samples per shuffled block, per reader and source
     bad_sample_policy: str = "skip"  # raise | skip (drop, count, log)
-    max_bad_fraction: float = 0.01  # skip: fail when more of a source is bad
+    max_bad_fraction: float = 0.01  # skip: fail when more of a source (over all ranks) is bad
+    # skip: max_bad_fraction is judged against at least this many samples read of the
+    # source, so that a few bad samples early on (or in a small source) are not a high rate.
+    bad_fraction_min_samples: int = 1000
     audit: bool = False  # write <run.dir>/audit/rank_<r>.jsonl: sample keys per step
     transforms: TransformConfig = field(default_factory=TransformConfig)
 
@@ -96,6 +101,8 @@ class DataConfig:
         if self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         check_policy(self.bad_sample_policy, self.max_bad_fraction, where="DataConfig")
+        if self.bad_fraction_min_samples < 0:
+            raise ValueError(f"DataConfig.bad_fraction_min_samples must be >= 0, got {self.bad_fraction_min_samples}")
 
 
 def load_manifests(cfg: DataConfig) -> list[Manifest]:
@@ -179,9 +186,35 @@ class TrainLoader(StatefulDataLoader):
         super().load_state_dict({})  # drops a running iterator; the next one starts at the state
         self._iterating = False
 
-    def data_metrics(self) -> dict[str, float]:
-        """``data/...`` metrics of this rank (see ``data_metrics``); cheap, no I/O."""
-        return data_metrics(self.state_dict(), targets=self.targets, source_tasks=self.source_tasks)
+    def data_metrics(self, *, bad_samples: dict[str, int] | None = None) -> dict[str, float]:
+        """``data/...`` metrics of this rank (see ``data_metrics``); cheap, no I/O.
+        ``bad_samples``: per source over all ranks (``check_bad_samples``), logged instead of this rank's."""
+        return data_metrics(
+            self.state_dict(), targets=self.targets, source_tasks=self.source_tasks, bad_samples=bad_samples
+        )
+
+    def bad_sample_counts(self) -> torch.Tensor:
+        """This rank's bad and read (bad + delivered) samples of each source, float64 [2, S]
+        in config order, as of the batches handed out: to be summed over all ranks (an
+        all-reduce) and passed to :meth:`check_bad_samples`. float64 counts exactly."""
+        counts = source_counts(self.state_dict()).values()
+        return torch.tensor([[c["bad"] for c in counts], [c["bad"] + c["samples"] for c in counts]],
+                            dtype=torch.float64)
+
+    def check_bad_samples(self, summed: torch.Tensor) -> dict[str, int]:
+        """Bad samples per source from ``summed`` (:meth:`bad_sample_counts` summed over
+        all ranks); raises :class:`TooManyBadSamples` when a source has more than
+        ``data.max_bad_fraction`` bad (see ``bad_data.check_bad_fraction``). Given the
+        same sums, every rank raises the same error or none does."""
+        bad, read = (row.long().tolist() for row in summed.reshape(2, -1))
+        names = list(self.dataset.layout["sources"])
+        world_size = self.dataset.layout["world_size"]
+        for name, source_bad, source_read in zip(names, bad, read):
+            check_bad_fraction(
+                name, bad=source_bad, read=source_read, max_bad_fraction=self.dataset.max_bad_fraction,
+                min_samples=self.dataset.bad_fraction_min_samples, where=f"by all {world_size} rank(s)",
+            )
+        return dict(zip(names, bad))
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
@@ -239,6 +272,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
         readers_per_rank=cfg.readers_per_rank,
         bad_sample_policy=cfg.bad_sample_policy,
         max_bad_fraction=cfg.max_bad_fraction,
+        bad_fraction_min_samples=cfg.bad_fraction_min_samples,
     )
     loader = TrainLoader(
         dataset,

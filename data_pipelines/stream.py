@@ -10,7 +10,9 @@ of (seed, world_size, rank, R) and never of ``W``.
 
 Bad data: a sample that cannot be read or decoded raises under policy ``raise``; under
 ``skip`` it is logged, counted per source, and replaced by the same reader's next
-sample of that source, so batches stay full and positions stay exact.
+sample of that source, so batches stay full and positions stay exact. Whether too many
+are bad is judged over all ranks by the trainer (``TrainLoader.check_bad_samples``),
+from these counts; a reader raises itself only when it finds no good sample at all.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from data_pipelines.bad_data import (  # noqa: F401 - the policies and errors st
     BadSampleError,
     TooManyBadSamples,
     check_policy,
-    too_many_bad,
 )
 from data_pipelines.batch_transport import PackedBatch, pack
 from data_pipelines.epoch_plan import SourcePlan
@@ -61,6 +62,7 @@ class MixedSourceStream(IterableDataset):
         readers_per_rank: int,
         bad_sample_policy: str,
         max_bad_fraction: float,
+        bad_fraction_min_samples: int,
     ) -> None:
         super().__init__()
         check_policy(bad_sample_policy, max_bad_fraction, where="data")
@@ -72,6 +74,7 @@ class MixedSourceStream(IterableDataset):
         self.num_slots = world_size * readers_per_rank
         self.bad_sample_policy = bad_sample_policy
         self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
         self.layout = stream_layout(
             seed=seed, world_size=world_size, rank=rank, readers_per_rank=readers_per_rank, plans=plans
         )
@@ -80,6 +83,9 @@ class MixedSourceStream(IterableDataset):
         self._readers: dict[tuple[int, str], SourceReader] = {}
         # Read failures already logged: one truncated shard loses many samples, logged once.
         self._logged_failures: set[tuple[int, str, tuple[int, int]]] = set()
+        # Bad samples read in a row per (reader, source), in this process only: a guard
+        # against a reader that never finds a good sample (its batch would never come).
+        self._bad_in_a_row: dict[tuple[int, str], int] = {}
 
     # --- position ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -135,6 +141,7 @@ class MixedSourceStream(IterableDataset):
                     note = f"bad sample: {problem}"
                 else:
                     counts["samples"] += 1
+                    self._bad_in_a_row.pop((reader, source), None)
                     return sample
             self._bad_sample(source, problem, counts, reader=reader, share_size=stream.share_size, note=note)
 
@@ -149,14 +156,13 @@ class MixedSourceStream(IterableDataset):
         counts["bad"] += 1
         if note is not None:
             log.warning("source %r: skipped %s", source, note)
-        read = counts["samples"] + counts["bad"]
-        # Judged against at least one epoch's share, so that an early bad sample is not
-        # mistaken for a high rate.
-        if too_many_bad(counts["bad"], max(read, share_size), self.max_bad_fraction):
+        # The fraction is not judged here: one reader's share of a source may be a handful
+        # of samples, where a single bad one is a high rate (the trainer judges the source).
+        in_a_row = self._bad_in_a_row[(reader, source)] = self._bad_in_a_row.get((reader, source), 0) + 1
+        if in_a_row >= max(share_size, self.bad_fraction_min_samples):
             raise TooManyBadSamples(
-                f"source {source!r}: {counts['bad']} of {read} samples read by reader {reader} of rank {self.rank} "
-                f"were bad, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} (last: {problem})"
+                f"source {source!r}: reader {reader} of rank {self.rank} read {in_a_row} samples in a row and every one "
+                f"was bad (last: {problem})"
             )
 
     def _source_reader(self, reader: int, source: str, counts: dict) -> SourceReader:

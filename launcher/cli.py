@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher import slurm
+from launcher.run_lock import RunDirLocked, RunLock
+from launcher.slurm import SlurmJob
+from launcher.torchrun import LaunchSpec
 from trainer.config_loading import ConfigError
 
 
@@ -77,24 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         from data_pipelines.data_cli import run_data_command
 
         return run_data_command(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"polytask: error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, RunDirLocked) as e:
+        for line in str(e).splitlines():
+            print(f"polytask: error: {line}", file=sys.stderr)
         return 2
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from launcher.torchrun import LaunchSpec, torchrun_command
+    from launcher.torchrun import torchrun_command
     from trainer.config import load_config
+    from trainer.preflight import preflight_problems
 
     overrides = list(args.overrides)
     slurm_job = None
     if args.slurm:
-        from launcher import slurm
-
         slurm_job = slurm.SlurmJob.from_env()
         # Every node and the batch shell compute the same overrides and pass them on.
         overrides += slurm.job_overrides(args.config, overrides, slurm_job)
     cfg = load_config(args.config, overrides)  # fail here, before any process is spawned
+    if slurm_job is not None:
+        world_size = slurm_job.num_nodes * slurm.ranks_per_node(slurm_job, args.nproc_per_node)
+    else:
+        world_size = args.nnodes * (args.nproc_per_node or 1)
+    problems = preflight_problems(cfg, world_size=world_size)  # data and evaluation, before torchrun
+    if problems:
+        raise ConfigError("\n".join(f"{args.config}: {p}" for p in problems))
     if args.print_run_dir:
         print(Path(cfg.run.dir).absolute())
         return 0
@@ -114,14 +125,54 @@ def _launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
+    if not _takes_the_lock(spec, slurm_job):
+        return _run_torchrun(cmd)
+    with RunLock.acquire(cfg.run.dir):  # a second launch into the run directory fails here
+        return _run_torchrun(cmd)
+
+
+def _takes_the_lock(spec: LaunchSpec, slurm_job: SlurmJob | None) -> bool:
+    """One launcher per job holds the run directory's lock: the only one, the one started
+    with ``--node-rank 0``, or on Slurm node 0's."""
+    if slurm_job is not None:
+        return slurm_job.node_id in (0, None)
+    if spec.nnodes == 1 or spec.node_rank == 0:
+        return True
+    if spec.node_rank is None:
+        print("polytask launch: warning: run.dir is not locked (several nodes and no --node-rank: "
+              "no launcher knows it is the first)", file=sys.stderr, flush=True)
+    return False
+
+
+def _run_torchrun(cmd: list[str]) -> int:
+    """torchrun as our child, dying with us (launcher/parent_death.py); SIGTERM is passed on
+    so that it stops its ranks and we release the run directory's lock."""
+    import functools
+    import signal
+
+    from launcher.parent_death import LAUNCHER_PID_ENV, torchrun_preexec
+
     # One OpenMP thread per rank unless the user chose: 2 ranks x 1 thread was the fastest
     # layout on small CPU machines, and GPUs need none.
-    env = {**os.environ}
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    # preexec_fn: the launcher runs no threads of its own, and the function makes one libc call.
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(torchrun_preexec, os.getpid()))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # torchrun got the terminal's SIGINT too; let it stop its ranks
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from launcher.parent_death import die_with_parent
+
+    die_with_parent()  # first thing: a rank never outlives its torchrun agent
     from trainer.config import load_config
     from trainer.main import run_training
 
@@ -129,6 +180,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from launcher.parent_death import die_with_parent
+
+    die_with_parent()
     from trainer.config import load_config
     from trainer.evaluation.eval_main import run_eval
 

@@ -78,7 +78,9 @@ def run_dir(config: str | Path, overrides: list[str], job: SlurmJob) -> Path:
     named after the job."""
     raw = apply_overrides(read_yaml(config), list(overrides))
     run = raw.get("run")
-    if isinstance(run, dict) and run.get("dir"):
+    if isinstance(run, dict) and run.get("dir") is not None:
+        if not str(run["dir"]).strip():  # not the job's default: the user asked for something
+            raise ConfigError("run.dir: empty value; give the run directory, or leave the key out")
         return Path(str(run["dir"])).absolute()
     return (job.submit_dir / "runs" / f"{job.job_name}-{job.job_id}").absolute()
 
@@ -112,10 +114,15 @@ def first_node_address(nodelist: str) -> str:
     return first
 
 
+def ranks_per_node(job: SlurmJob, nproc_per_node: int | None) -> int:
+    """``--nproc-per-node`` if given, else the GPUs Slurm allocated on the node, else 1."""
+    return nproc_per_node if nproc_per_node is not None else (job.gpus_on_node or 1)
+
+
 def launch_spec(job: SlurmJob, *, nproc_per_node: int | None, rdzv_endpoint: str | None,
                 max_restarts: int = 0) -> LaunchSpec:
     """This node's torchrun layout. Explicit ``nproc_per_node`` / ``rdzv_endpoint`` win."""
-    nproc = nproc_per_node if nproc_per_node is not None else (job.gpus_on_node or 1)
+    nproc = ranks_per_node(job, nproc_per_node)
     if rdzv_endpoint is None:
         try:
             rdzv_endpoint = f"{first_node_address(job.nodelist)}:{rdzv_port(job.job_id)}"

@@ -1,10 +1,11 @@
-"""One training step's loss combination: static weights, or a dynamic balancer fed with
-all-reduced gradient statistics.
+"""One training step's loss combination: a balancer's coefficients, fixed or fed with
+all-reduced statistics.
 
-Static weights (``balancer.name: static``, the default) need no gradient statistics; the
-per-task normalisation spans the step's micro-batches (:mod:`trainer.task_losses`), so
-gradient accumulation works. Dynamic methods need the step's global statistics before
-the backward pass, so they take one micro-batch per step:
+Fixed balancers (``static``, the default, with ``trainer.loss_weights``; ``equal``) need no
+statistics: their coefficients are known before the step, the per-task normalisation spans
+the step's micro-batches (:mod:`trainer.task_losses`), so gradient accumulation works.
+Dynamic methods need the step's global statistics before the backward pass, so they take
+one micro-batch per step:
 
 - ``representation`` mode: the heads ran on z detached from the trunk; T head-only
   backward passes give ∂s_i/∂z (s_i = this rank's loss sum of task i), their Gram matrix,
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from models.multitask import MultiTaskOutput
-from trainer.balancers import Balancer, balancer_names, build_balancer
+from trainer.balancers import Balancer, balancer_class, balancer_names, build_balancer
 from trainer.grad_stats import (
     GlobalStats,
     combine_task_gradients,
@@ -39,7 +40,7 @@ from trainer.grad_stats import (
 
 @dataclass(kw_only=True)
 class BalancerConfig:
-    name: str = "static"  # static (trainer.loss_weights), equal, uncertainty, dwa, gradnorm, ...
+    name: str = "static"  # static (weights: trainer.loss_weights), equal, uncertainty, dwa, gradnorm, ...
     mode: Literal["representation", "parameters"] = "representation"
     # Method hyper-parameters (paper defaults otherwise), e.g. {alpha: 1.5} for gradnorm.
     options: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +48,16 @@ class BalancerConfig:
     def __post_init__(self) -> None:
         if self.name not in balancer_names():
             raise ValueError(f"balancer.name: unknown {self.name!r}; expected one of {balancer_names()}")
+        if self.name == "static" and "weights" in self.options:
+            raise ValueError("balancer.options.weights: static weights are set in one place, trainer.loss_weights")
+        if not balancer_class(self.name).needs_gram and self.mode != "representation":
+            raise ValueError(f"balancer.mode={self.mode!r} would be ignored: balancer.name={self.name!r} "
+                             f"uses no gradient statistics")
+
+    @property
+    def fixed(self) -> bool:
+        """The coefficients never depend on the step (static, equal)."""
+        return balancer_class(self.name).fixed
 
 
 @dataclass
@@ -62,7 +73,8 @@ class LossBalancing:
     Args:
         cfg: the balancer section of the config.
         tasks: task names in the model's order.
-        static_weights: ``trainer.loss_weights`` (used by ``static``).
+        static_weights: ``trainer.loss_weights``, the weights of ``static`` (the one place
+            they are set; the config refuses them with any other balancer).
         world_size: number of data-parallel ranks.
     """
 
@@ -70,7 +82,9 @@ class LossBalancing:
                  world_size: int) -> None:
         options = dict(cfg.options)
         if cfg.name == "static":
-            options.setdefault("weights", static_weights)
+            options["weights"] = static_weights
+        elif static_weights:
+            raise ValueError(f"trainer.loss_weights is used only with balancer.name=static, not {cfg.name!r}")
         try:
             self.balancer: Balancer = build_balancer(cfg.name, tasks, **options)
         except (TypeError, ValueError) as e:
@@ -80,8 +94,12 @@ class LossBalancing:
         self.world_size = world_size
 
     @property
-    def is_static(self) -> bool:
-        return self.cfg.name == "static"
+    def fixed(self) -> bool:
+        """Coefficients known before the step (:meth:`fixed_coefficients`); no statistics."""
+        return self.balancer.fixed
+
+    def fixed_coefficients(self, device: torch.device) -> Tensor:
+        return self.balancer.fixed_coefficients().to(device=device, dtype=torch.float32)
 
     @property
     def detach_features(self) -> bool:
@@ -104,9 +122,13 @@ class LossBalancing:
             grads = None
         loss_sums = torch.stack([s.detach().float() for s in sums.values()])
         stats = reduce_statistics(gram, loss_sums, local_counts, world_size=self.world_size)
-        coefficients = self.balancer.coefficients(
-            stats.gram if self.balancer.needs_gram else None, stats.losses, present=stats.present
-        )
+        if stats.finite(with_gram=self.balancer.needs_gram):
+            coefficients = self.balancer.coefficients(
+                stats.gram if self.balancer.needs_gram else None, stats.losses, present=stats.present
+            )
+        else:  # the same on every rank (global statistics): the step's gradients become
+            # non-finite, the trainer skips it, and the balancer's state stays as it was
+            coefficients = torch.full_like(stats.losses, float("nan"))
         weights = stats.rank_weights(coefficients, world_size=self.world_size).float()
         total = sum(weights[i] * sums[t] for i, t in enumerate(self.tasks))
         if grads is not None:  # representation mode: the trunk gets Σ w_i ∂s_i/∂z through z

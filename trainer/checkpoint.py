@@ -8,10 +8,16 @@ Atomicity: every rank writes into ``step_<N>.partial``; only after all ranks fin
 (DCP's save is collective) does rank 0 write ``meta.json``, rename the directory and
 swap ``latest`` with an atomic rename. A crash at any point leaves the previous
 checkpoint and ``latest`` untouched; a stale ``.partial`` is deleted by the next save.
+A full disk during a save is one error line (free and needed bytes), and the partial is
+removed at once. If ``latest`` is lost or damaged anyway (a copy without links, a hand
+edit), :meth:`Checkpointer.latest` falls back to the newest complete ``step_<N>`` with a
+warning, or refuses; it never reports "no checkpoint" while checkpoints are there.
 """
 from __future__ import annotations
 
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,9 +26,10 @@ import re
 import shutil
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +65,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 META_NAME = "meta.json"
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the message is one line."""
+
+
 class Checkpointer:
     def __init__(self, *, run_dir: str | Path, cfg: CheckpointConfig, is_main: bool) -> None:
         self.root = Path(run_dir) / "checkpoints"
@@ -84,7 +95,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
         started = time.perf_counter()
-        future = write(partial)
+        with self._disk_full_is_one_line(step, partial):
+            future = write(partial)
         self._saved_step = step
         if future is None:
             self._finalize(step, partial, meta)
@@ -102,8 +114,9 @@ class Checkpointer:
         dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank agrees on when
         if not done.item():
             return
-        future.result()  # re-raises a failed write
         self._pending = None
+        with self._disk_full_is_one_line(step, partial):
+            future.result()  # re-raises a failed write
         self._finalize(step, partial, meta)
         log.info("async checkpoint step_%d written in the background in %.1f s", step, time.perf_counter() - started)
 
@@ -111,7 +124,8 @@ class Checkpointer:
         dist.barrier()  # every rank's shard is on disk
         final = self.root / f"step_{step}"
         if self.is_main:
-            _write_json_durably(partial / META_NAME, {"step": step, **meta})
+            with self._disk_full_is_one_line(step, partial):
+                _write_json_durably(partial / META_NAME, {"step": step, **meta})
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -127,12 +141,77 @@ class Checkpointer:
         rank gives the same answer (a shared filesystem may show a rename late)."""
         return self._saved_step == step
 
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self, step: int, partial: Path) -> Iterator[None]:
+        """No space (or quota) while writing ``partial``: remove it, so the full disk gets
+        its space back, and raise one line with the bytes needed and free. DCP's collective
+        save raises this on every rank (each removes the partial: harmless); other errors
+        pass through unchanged."""
+        try:
+            yield
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            what = _disk_full_cause(e, partial)
+            if what is None:
+                raise
+            # The failed writer's frames may hold its file open (torch.save does): an unlinked
+            # open file keeps its space, so free them before removing the partial.
+            for failed in (e, e.__cause__, e.__context__):
+                if failed is not None:
+                    traceback.clear_frames(failed.__traceback__)
+            written = _tree_bytes(partial)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointSaveError(self._disk_full_message(step, what, written)) from None
+
+    def _disk_full_message(self, step: int, what: str, written: int) -> str:
+        previous = self._latest_link_target()
+        previous_bytes = _tree_bytes(previous) if previous is not None else 0
+        if previous is not None and previous_bytes > written:  # checkpoints of one run: about one size
+            needed = f"needs about {_fmt_bytes(previous_bytes, f'the size of {previous.name}')}"
+        else:
+            needed = f"needs more than {_fmt_bytes(written, 'written before the disk filled')}"
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        kept = f"checkpoints/latest still points at {previous.name}" if previous else "no earlier checkpoint"
+        return (f"checkpoint step_{step}: {what}: {needed}, has {_fmt_bytes(free, 'after removing the partial')} "
+                f"free; {kept}")
+
     def latest(self) -> Path | None:
-        link = self.root / "latest"
-        if not link.exists():
+        """The checkpoint to resume from: the target of ``checkpoints/latest`` if complete.
+        If ``latest`` is missing, dangling or points at an incomplete step while complete
+        ``step_<N>`` directories exist, the newest of them, with a warning; if only
+        incomplete ones exist, :class:`CheckpointLoadError` naming them. None only when
+        there is no ``step_<N>`` directory at all (a fresh run)."""
+        target = self._latest_link_target()
+        if target is not None and _why_incomplete(target) is None:
+            return target
+        steps = self._step_dirs()
+        if not steps:
             return None
-        target = link.resolve()
-        return target if (target / META_NAME).is_file() else None
+        link = self.root / "latest"
+        if target is not None:
+            problem = f"points at {target.name}, which is incomplete ({_why_incomplete(target)})"
+        elif link.is_symlink():
+            problem = f"points at {os.readlink(link)}, which does not exist"
+        else:
+            problem = "is missing"
+        for _, path in reversed(steps):
+            if _why_incomplete(path) is None:
+                log.warning("%s %s; resuming from %s, the newest complete checkpoint there",
+                            link, problem, path)
+                return path
+        found = ", ".join(f"{p.name} ({_why_incomplete(p)})" for _, p in steps)
+        raise CheckpointLoadError(
+            f"{link} {problem}, and no checkpoint in {self.root} is complete: {found}; not starting over "
+            f"on top of them (move them away, or set checkpoint.resume=never or a checkpoint path)")
+
+    def _latest_link_target(self) -> Path | None:
+        link = self.root / "latest"
+        return link.resolve() if link.exists() else None
+
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        """``step_<N>`` directories (never ``.partial`` ones), oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
     def read_meta(self, path: str | Path) -> dict[str, Any]:
         meta_file = Path(path) / META_NAME
@@ -157,16 +236,67 @@ class Checkpointer:
 
     def _prune(self) -> None:
         best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
-        )
-        for _, old in steps[: -self.cfg.keep_last]:
+        for _, old in self._step_dirs()[: -self.cfg.keep_last]:
             if old.resolve() != best:
                 shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint that cannot be loaded into this job (other model, corrupt, unsafe)."""
+
+
+def _why_incomplete(path: Path) -> str | None:
+    """None if ``path`` holds a complete checkpoint: a readable ``meta.json`` (written last,
+    by rank 0) and the backend's own index (DCP's ``.metadata``; DeepSpeed's directory and
+    the DCP part beside it). Otherwise what is missing, for the log."""
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except FileNotFoundError:
+        return f"no {META_NAME}"
+    except (OSError, ValueError) as e:
+        return f"unreadable {META_NAME}: {e}"
+    if not isinstance(meta, dict):
+        return f"unreadable {META_NAME}: not an object"
+    if meta.get("backend", "ddp") == "deepspeed":
+        if not (path / "deepspeed").is_dir():
+            return "no deepspeed/ directory"
+        return None if (path / "extra" / ".metadata").is_file() else "no extra/.metadata"
+    return None if (path / ".metadata").is_file() else "no .metadata"
+
+
+_NEARLY_FULL = 1 << 20  # bytes available below which a failed write is taken for a full disk
+
+
+def _disk_full_cause(exc: BaseException, partial: Path) -> str | None:
+    """What filled up, if ``exc`` comes from a full disk: an ENOSPC / EDQUOT error in it, its
+    causes or (DCP) any rank's failure; or, since ``torch.save`` (DeepSpeed's writer) turns
+    ENOSPC into a RuntimeError without an errno, any failure while the disk has (almost) no
+    space left. None for other errors."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{os.strerror(e.errno)} writing {e.filename or partial}"
+        if isinstance(e, CheckpointException):
+            todo.extend(failure for failure, _trace in e.failures.values())
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    where = partial if partial.exists() else partial.parent
+    if isinstance(exc, (Exception, CheckpointException)) and where.exists() and shutil.disk_usage(where).free < _NEARLY_FULL:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"the disk is full writing {partial} ({type(exc).__name__}: {first})"
+    return None
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _fmt_bytes(n: int, note: str) -> str:
+    return f"{n} bytes ({n / 2**20:.1f} MiB, {note})"
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):

@@ -4,6 +4,7 @@ Components receive their own section (``cfg.model``, ``cfg.data`` ...), never th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,11 @@ class RunConfig:
     dir: str = "runs/demo"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            # "" would silently mean the current directory.
+            raise ValueError("run.dir is empty; give the run directory")
+
 
 @dataclass(kw_only=True)
 class TrainerConfig:
@@ -42,6 +48,10 @@ class TrainerConfig:
     # Python's garbage collector runs every N steps on every rank together, not whenever a
     # rank's allocations trigger it (trainer/garbage_collection.py); 0 = Python's automatic GC.
     gc_every: int = 50
+    # A step whose global gradient norm is not finite (NaN/inf loss or gradient) is skipped:
+    # no optimizer update. The run stops with an error naming the tasks after more than this
+    # many such steps in a row (0: at the first one).
+    max_bad_steps: int = 5
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -52,6 +62,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.gc_every must be >= 0, got {self.gc_every}")
         if self.log_every < 1:
             raise ValueError(f"trainer.log_every must be >= 1, got {self.log_every}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"trainer.max_bad_steps must be >= 0, got {self.max_bad_steps}")
+        bad = {t: w for t, w in self.loss_weights.items() if not math.isfinite(w) or w < 0}
+        if bad:
+            raise ValueError(f"trainer.loss_weights must be finite and >= 0, got {bad}")
         unknown = sorted(set(self.loss_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"trainer.loss_weights: unknown task(s) {unknown}; expected some of {list(TASKS)}")
@@ -71,9 +86,13 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.checkpoint.async_save and self.trainer.backend != "ddp":
             raise ValueError("checkpoint.async_save is implemented for trainer.backend=ddp only")
-        if self.balancer.name != "static" and self.trainer.grad_accum_steps > 1:
+        if not self.balancer.fixed and self.trainer.grad_accum_steps > 1:
             # A dynamic balancer needs the step's global statistics before its backward pass.
-            raise ValueError("balancer.name other than 'static' needs trainer.grad_accum_steps=1")
+            raise ValueError(f"balancer.name={self.balancer.name!r} needs trainer.grad_accum_steps=1 "
+                             f"(only static and equal accumulate micro-batches)")
+        if self.trainer.loss_weights and self.balancer.name != "static":
+            raise ValueError(f"trainer.loss_weights would be ignored: it sets the weights of balancer.name=static, "
+                             f"and balancer.name is {self.balancer.name!r}")
         if (self.balancer.mode == "parameters" and self.trainer.backend == "deepspeed"
                 and self.trainer.deepspeed.zero_stage == 3):
             raise ValueError("balancer.mode=parameters needs whole parameters: not with ZeRO stage 3 "

@@ -34,8 +34,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class OverrideText(str):
+    """The text of a ``key=value`` override, kept as typed until the field it lands in is
+    known: :func:`_convert` reads it as that field's type (see :func:`_from_text`).
+
+    Parsing it as YAML up front did not know the field: ``run.dir=/x/a #b`` lost ``#b`` as a
+    comment, ``run.dir=`` became the current directory and ``optim.lr=1e-3`` a string."""
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides in place; values are parsed as YAML scalars/lists.
+    """Apply ``a.b.c=value`` overrides in place; each value stays an :class:`OverrideText`
+    that the typed conversion (:func:`from_dict`) reads as its field's type.
 
     Paths are not checked here (the typed conversion does that, naming the full path);
     an index into a list (``data.sources.0.weight=2``) must exist.
@@ -44,21 +53,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = OverrideText(raw)
         parts = key.split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[: depth + 1])
             if isinstance(node, list):
-                node = node[_list_index(node, part, where)]
+                index = _list_index(node, part, where)
+                node[index] = _container(node[index], where)
+                node = node[index]
             else:
-                nxt = node.get(part)
+                nxt = _container(node.get(part), where)
                 if not isinstance(nxt, (dict, list)):
                     nxt = {}
-                    node[part] = nxt
+                node[part] = nxt
                 node = nxt
         last = parts[-1]
         if isinstance(node, list):
@@ -66,6 +74,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         else:
             node[last] = value
     return data
+
+
+def _container(node: Any, where: str) -> Any:
+    """An earlier override's text that a later one indexes into (``data.sources=[...]``, then
+    ``data.sources.0.path=x``) is a container: parse it now."""
+    return _yaml_text(node, where) if isinstance(node, OverrideText) else node
+
+
+def _yaml_text(text: str, path: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {str(text)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+_NULL_WORDS = ("null", "none", "~", "")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _from_text(tp: Any, text: OverrideText, path: str) -> Any:
+    """Override text read as a (non-union) field of type ``tp`` expects: str fields take it
+    verbatim (``#`` included), numbers go through int()/float(), bools take true/false
+    words, containers and nested configs are YAML. Text that does not parse is returned as
+    is, so that the type check names the key and the value."""
+    plain = str(text)
+    if tp is str:
+        if plain == "":
+            raise ConfigError(f"{path}: empty value; give one, or leave the key out for its default")
+        return plain
+    if tp is Any:
+        return _any_from_text(plain, path)
+    if tp is bool:
+        return _BOOL_WORDS.get(plain.strip().lower(), plain)
+    if tp in (int, float):
+        try:
+            return tp(plain.strip())
+        except ValueError:
+            return plain
+    if get_origin(tp) is Literal:
+        return next((c for c in get_args(tp) if str(c) == plain), plain)
+    if get_origin(tp) in (list, tuple, dict) or dataclasses.is_dataclass(tp):
+        return _yaml_text(plain, path)
+    return plain
+
+
+def _any_from_text(plain: str, path: str) -> Any:
+    """An untyped value (``balancer.options.<name>``, ``trainer.deepspeed.extra``): a number,
+    a bool or null word, a YAML list/mapping, else the text verbatim."""
+    for number in (int, float):
+        try:
+            return number(plain)
+        except ValueError:
+            pass
+    word = plain.strip().lower()
+    if word in _BOOL_WORDS and not word.isdigit():
+        return _BOOL_WORDS[word]
+    if word in _NULL_WORDS and word:
+        return None
+    if plain.lstrip().startswith(("[", "{")):
+        return _yaml_text(plain, path)
+    return plain
 
 
 def _list_index(node: list, part: str, where: str) -> int:
@@ -105,12 +174,12 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
-    if tp is Any:
-        return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, OverrideText) and type(None) in options and value.strip().lower() in _NULL_WORDS:
+            return None  # `key=`, `key=null`: unset an optional field
         for opt in options:
             if opt is type(None):
                 continue
@@ -119,6 +188,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+    if isinstance(value, OverrideText):
+        value = _from_text(tp, value, path)
+    if tp is Any:
+        return value
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -165,6 +238,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, OverrideText):
+        value = str(value)
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -177,4 +252,4 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-__all__ = ["ConfigError", "read_yaml", "apply_overrides", "from_dict", "to_dict", "dump_yaml"]
+__all__ = ["ConfigError", "OverrideText", "read_yaml", "apply_overrides", "from_dict", "to_dict", "dump_yaml"]

@@ -140,6 +140,11 @@ class GlobalStats:
     cosine: Tensor  # [T, T] pairwise cosine similarities (0 where a norm is 0)
     conflict_fraction: Tensor  # [] fraction of pairs of nonzero gradients with cosine < 0
 
+    def finite(self, *, with_gram: bool) -> bool:
+        """Whether the losses (and the Gram matrix) are finite; one host sync."""
+        values = torch.cat([self.losses, self.gram.reshape(-1)]) if with_gram else self.losses
+        return bool(torch.isfinite(values).all())
+
     def rank_weights(self, coefficients: Tensor, *, world_size: int) -> Tensor:
         """Weights for this rank's gradients of its local loss *sums*, such that DDP's
         average over ranks is Σ_i c_i ∇L_i (L_i the global mean): c_i · world_size / N_i,

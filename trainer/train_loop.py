@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipelines.audit import AuditWriter
+from data_pipelines.audit import AuditWriter, cut_audit_trails
 from data_pipelines.loader import build_train_loader
 from data_pipelines.reshard import reshard_states
 from data_pipelines.schema import Batch
@@ -32,16 +32,21 @@ from trainer.checkpoint import Checkpointer, CheckpointLoadError
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
-from trainer.evaluation.best_metric import BestMetricTracker, check_best_metric_source
+from trainer.evaluation.best_metric import BestMetricTracker, check_best_metric
 from trainer.evaluation.evaluator import eval_dir, evaluate
 from trainer.garbage_collection import StepGarbageCollection
 from trainer.metrics_logger import MetricsLogger
 from trainer.preemption import PreemptionFlag, slurm_job_info
+from trainer.preflight import eval_source_specs
 from trainer.rng_state import get_rng_state, set_rng_state
 from trainer.task_losses import GlobalTaskCounts, local_task_counts, scale_task_losses
 from trainer.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped on non-finite losses or gradients (the message names the tasks)."""
 
 
 def git_commit() -> str | None:
@@ -104,13 +109,13 @@ class Trainer:
         )
         model = build_model(cfg.model, num_classes=self.label_space.num_classes()).to(self.device)
         self.tasks: list[str] = list(cfg.model.tasks)
-        self.loss_weights = {t: cfg.trainer.loss_weights.get(t, 1.0) for t in self.tasks}
-        self._static_coefficients = torch.tensor([self.loss_weights[t] for t in self.tasks], device=self.device)
-        self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=self.loss_weights,
+        self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=cfg.trainer.loss_weights,
                                        world_size=dist_info.world_size)
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
                                      micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save)
         self.step = 0
+        self.skipped_steps = 0  # non-finite gradient norm: no update (see _check_finite)
+        self._bad_steps_in_a_row = 0
         self._data_iter: Iterator[Batch] | None = None
         self._loss_rows: list[tuple[int, dict[str, float]]] = []  # (step, loss/*) per log line
         self._last_eval: dict[str, float] = {}
@@ -120,10 +125,17 @@ class Trainer:
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if dist_info.is_main:  # the steps a resume discards leave the trail too (audit off or on)
+            cut_audit_trails(self.run_dir, after_step=self.step)
+        dist.barrier()  # cut before any rank appends
         self.audit = AuditWriter(self.run_dir, dist_info.rank) if cfg.data.audit else None
+        # The launcher's checks (trainer/preflight.py), for ranks started without it: now, not
+        # after hours of training.
+        eval_specs = (eval_source_specs(cfg.eval, model_tasks=self.tasks, label_space=self.label_space)
+                      if cfg.eval.enabled else {})
+        check_best_metric(cfg.eval, eval_specs)
         self.best = None
         if cfg.eval.best_metric:
-            check_best_metric_source(cfg.eval)  # now, not after hours of training
             self.best = BestMetricTracker(cfg.eval, run_dir=self.run_dir, is_main=dist_info.is_main)
         # Slurm (slurm/train.sbatch): which job and restart this is, and the checkpoint-now flag.
         self.slurm = slurm_job_info()
@@ -168,6 +180,7 @@ class Trainer:
         backend = self.cfg.trainer.backend
         if meta.get("backend", "ddp") != backend:
             raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
+        self._warn_batch_change(path, meta)
         extra = self._extra_state(data_ranks=None if same_world else old_world)
         if not same_world:
             extra.pop("rng")  # per-rank RNG belongs to the old layout of ranks; reseeded below
@@ -190,11 +203,46 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return meta.get("wandb_run_id")
 
+    def _batch_layout(self) -> dict[str, int]:
+        """What makes one optimizer step's batch; saved in meta.json, compared on resume."""
+        return {"batch_size": self.cfg.data.batch_size, "grad_accum_steps": self.cfg.trainer.grad_accum_steps,
+                "world_size": self.dist.world_size}
+
+    def _warn_batch_change(self, path: Path, meta: dict[str, Any]) -> None:
+        """Resuming with another per-rank batch or accumulation works (data positions are per
+        sample), but each step then sees another number of samples while the LR schedule
+        and optimizer state go on per step: say so, with the old and new values."""
+        if "batch_size" not in meta or "grad_accum_steps" not in meta:
+            log.info("checkpoint %s does not record its batch size (an older polytask); not compared", path)
+            return
+        old, new = {**meta, "world_size": meta.get("world_size", self.dist.world_size)}, self._batch_layout()
+        if (old["batch_size"], old["grad_accum_steps"]) == (new["batch_size"], new["grad_accum_steps"]):
+            return
+
+        def describe(b: dict[str, Any]) -> str:
+            return (f"data.batch_size={b['batch_size']} x trainer.grad_accum_steps={b['grad_accum_steps']} x "
+                    f"{b['world_size']} ranks = {b['batch_size'] * b['grad_accum_steps'] * b['world_size']} samples per step")
+
+        log.warning("batch size changed on resume: checkpoint %s was trained with %s, this job uses %s; "
+                    "the LR schedule and optimizer state continue per step, not per sample",
+                    path, describe(old), describe(new))
+
     def save_checkpoint(self) -> Path:
-        meta = {"wandb_run_id": self.metrics.run_id, "world_size": self.dist.world_size,
-                "backend": self.cfg.trainer.backend}
+        self._check_weights_finite()  # checkpoints/latest never points at NaN weights
+        meta = {"wandb_run_id": self.metrics.run_id, "backend": self.cfg.trainer.backend, **self._batch_layout()}
         extra = self._extra_state()
         return self.checkpointer.save(self.step, lambda d: self.backend.save(d, extra), meta)
+
+    def _check_weights_finite(self) -> None:
+        """(Collective) raise on every rank when any rank holds a non-finite parameter."""
+        with torch.no_grad():  # one host sync, not one per parameter
+            finite = torch.stack([torch.isfinite(p).all() for p in self.backend.module.parameters()]).all()
+        bad = torch.tensor(0.0 if bool(finite) else 1.0)
+        if self.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise NonFiniteTrainingError(f"step {self.step}: the weights are not finite; not saving a checkpoint "
+                                         f"of them (checkpoints/latest is unchanged)")
 
     # --- one step ---------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -210,16 +258,56 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> dict[str, Any]:
         """One optimizer step over ``batches`` (the micro-batches of gradient accumulation)."""
         batches = [b.to(self.device) for b in batches]
-        if self.balancing.is_static:
-            out = self._static_step(batches)
+        if self.balancing.fixed:
+            out = self._fixed_step(batches)
         else:
             (batch,) = batches  # dynamic balancing takes one micro-batch per step (config checks it)
             out = self._balanced_step(batch)
         out["grad_norm"] = self.backend.optimizer_step()
         self.step += 1
+        self._check_finite(out)
         return out
 
-    def _static_step(self, batches: list[Batch]) -> dict[str, Any]:
+    def _check_finite(self, out: dict[str, Any]) -> None:
+        """A step whose global gradient norm is not finite was skipped by the backend (no
+        update): warn naming the tasks, stop after ``trainer.max_bad_steps`` in a row. The
+        norm is global, so every rank decides alike (this reads it: one host sync per step)."""
+        if bool(torch.isfinite(out["grad_norm"])):
+            self._bad_steps_in_a_row = 0
+            return
+        self._bad_steps_in_a_row += 1
+        self.skipped_steps += 1
+        tasks = self._nonfinite_tasks(out["loss_sums"])
+        what = (f"non-finite loss in task(s) {', '.join(tasks)}" if tasks
+                else "finite losses but non-finite gradients")
+        limit = self.cfg.trainer.max_bad_steps
+        if self.backend.last_step_applied:
+            raise NonFiniteTrainingError(
+                f"step {self.step}: {what}, and the {self.cfg.trainer.backend} backend applied the update: "
+                f"the weights are no longer finite; stopping (checkpoints/latest is unchanged)")
+        if self._bad_steps_in_a_row > limit:
+            raise NonFiniteTrainingError(
+                f"step {self.step}: {what}; {self._bad_steps_in_a_row} steps in a row skipped, more than "
+                f"trainer.max_bad_steps={limit}; stopping (lower optim.lr or check the data of those tasks; "
+                f"checkpoints/latest is unchanged)")
+        log.warning("step %d: %s; step skipped, no update (%d in a row, trainer.max_bad_steps=%d)",
+                    self.step, what, self._bad_steps_in_a_row, limit)
+        # The window then averages the good steps only.
+        out["loss_sums"] = torch.zeros_like(out["loss_sums"])
+        out["global_count"] = torch.zeros_like(out["global_count"])
+        out["grad_norm"] = torch.zeros_like(out["grad_norm"])
+
+    def _nonfinite_tasks(self, loss_sums: torch.Tensor) -> list[str]:
+        """Tasks with a non-finite loss on any rank (collective: every rank saw the bad norm)."""
+        flags = (~torch.isfinite(loss_sums)).float()
+        if self.dist.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [t for t, bad in zip(self.tasks, flags.tolist()) if bad]
+
+    def _fixed_step(self, batches: list[Batch]) -> dict[str, Any]:
+        """Coefficients known before the step (static, equal): micro-batches accumulate."""
+        coefficients = self.balancing.fixed_coefficients(self.device)
+        weights = coefficients.tolist()
         pending_counts = GlobalTaskCounts(batches, self.tasks, world_size=self.dist.world_size)
         loss_sums = torch.zeros(len(self.tasks), device=self.device)
         for i, batch in enumerate(batches):
@@ -229,10 +317,10 @@ class Trainer:
                 global_counts = pending_counts.wait()  # in flight during the first forward
                 local_counts = local_task_counts(batch, self.tasks)
                 scaled = scale_task_losses(losses, local_counts, global_counts, world_size=self.dist.world_size)
-                self.backend.backward(sum(self.loss_weights[t] * scaled[t] for t in self.tasks))
+                self.backend.backward(sum(weights[i] * scaled[t] for i, t in enumerate(self.tasks)))
             loss_sums += torch.stack([losses[t].detach().float() for t in self.tasks]) * local_counts
         # Local sums; the window all-reduces them once per log line, not per step.
-        return {"loss_sums": loss_sums, "global_count": global_counts, "coefficients": self._static_coefficients}
+        return {"loss_sums": loss_sums, "global_count": global_counts, "coefficients": coefficients}
 
     def _balanced_step(self, batch: Batch) -> dict[str, Any]:
         with self.backend.micro_batch_context(last=True):
@@ -323,11 +411,18 @@ class Trainer:
 
     def _metrics_row(self, window: _LogWindow) -> dict[str, float]:
         num_tasks = len(self.tasks)
-        # One all-reduce per log line (every rank logs at the same steps: same collectives).
-        sums = torch.cat([window.loss_sum, window.weighted_loss_sum, window.images.to(window.loss_sum)])
+        # One all-reduce per log line (every rank logs at the same steps: same collectives),
+        # in float64 so that the data streams' bad/read sample counts add up exactly.
+        bad_counts = self.loader.bad_sample_counts()  # this rank's, [2, sources]
+        sums = torch.cat([window.loss_sum.double(), window.weighted_loss_sum.double(), window.images.to(self.device),
+                          bad_counts.flatten().to(self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(sums)
-        loss_sum, weighted_sum, images = sums[:num_tasks], sums[num_tasks:2 * num_tasks], sums[2 * num_tasks:]
+        loss_sum, weighted_sum, images, bad_counts = sums.split([num_tasks, num_tasks, len(window.sources),
+                                                                 bad_counts.numel()])
+        loss_sum, weighted_sum = loss_sum.float(), weighted_sum.float()
+        # Same sums on every rank: all raise here at once, or none does.
+        bad_samples = self.loader.check_bad_samples(bad_counts.cpu())
         counts = window.count.tolist()
         clamped = window.count.clamp(min=1)
         means = (loss_sum / clamped).tolist()
@@ -343,13 +438,14 @@ class Trainer:
             row.update(self.balancing.metrics(window.last["balanced"]))
         row["lr"] = self.backend.lr()
         row["grad_norm"] = float(window.grad_norm_sum) / max(window.steps, 1)
+        row["train/skipped_steps"] = self.skipped_steps  # non-finite steps since this process started
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         row["throughput/images_per_s"] = float(images.sum()) / elapsed  # all ranks
         for name, n in zip(window.sources, images.tolist()):
             row[f"throughput/{name}/images_per_s"] = n / elapsed
         row["time/data_wait_frac"] = window.data_wait / elapsed
-        if self.dist.is_main:  # rank 0's own stream: consumed samples, epochs, realised mix
-            row.update(self.loader.data_metrics())
+        if self.dist.is_main:  # rank 0's own stream: consumed samples, epochs, realised mix; bad ones of all ranks
+            row.update(self.loader.data_metrics(bad_samples=bad_samples))
         if self.slurm:
             row["slurm/restart_count"] = self.slurm["restart_count"]
         return row
@@ -387,7 +483,11 @@ class Trainer:
                 log.info("%-44s %.3f (step %d)", name, value, self._last_eval["step"])
         if not summary["replicas_in_sync"]:
             log.error("DDP replicas diverged: %s", digests)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Flush and close what the run writes beside checkpoints (metrics, W&B, audit)."""
         self.metrics.close()
         if self.audit is not None:
             self.audit.close()
-        return summary

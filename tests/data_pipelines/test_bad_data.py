@@ -1,5 +1,6 @@
 """Each kind of bad data, under both policies: ``raise`` names shard, key and problem;
-``skip`` drops the sample, counts and logs it, and nothing else is lost."""
+``skip`` drops the sample, counts and logs it, and nothing else is lost; too many bad
+samples of a source (judged over all ranks, see test_bad_data_distributed.py) stop the run."""
 import itertools
 import json
 import logging
@@ -8,13 +9,20 @@ import re
 import tarfile
 
 import pytest
+import torch
 
 from data_pipelines.loader import DataConfig, SourceConfig, build_train_loader
 from data_pipelines.manifest import load_manifest
 from data_pipelines.shard_reader import ManifestMismatch
 from data_pipelines.stream import BadSampleError, TooManyBadSamples
 from data_pipelines.transforms import TransformConfig
-from tests.data_pipelines.shard_fixtures import boxed_sample, jpeg_bytes, png_bytes, write_source
+from tests.data_pipelines.shard_fixtures import (
+    KEYPOINT_SCHEMA,
+    boxed_sample,
+    jpeg_bytes,
+    png_bytes,
+    write_source,
+)
 
 N, SHARD = 12, 4
 BAD = 5  # the bad sample: shard 1, index 1
@@ -48,6 +56,17 @@ CASES = {
         segmentation={"size": [3, 3], "counts": [0, 9]})), r"RLE size \[3, 3\] != image size \[16, 16\]"),
     "semantic_wrong_size": (lambda raw: raw | {"seg.png": png_bytes(__import__("numpy").zeros((4, 4), "uint8"))},
                             r"'seg.png' has shape \(4, 4\)"),
+    # Mistyped annotation fields: a bad sample naming the annotation, not a TypeError.
+    "one_point_polygon": (lambda raw: _with_meta(raw, lambda m: _ann(m).update(segmentation=[[1, 1]])),
+                          "annotation 0: segmentation polygon 0 has 2 values"),
+    "two_point_polygon": (lambda raw: _with_meta(raw, lambda m: _ann(m).update(segmentation=[[1, 1, 5, 5]])),
+                          "annotation 0: segmentation polygon 0 has 4 values"),
+    "null_keypoints": (lambda raw: _with_meta(raw, lambda m: _ann(m).update(keypoints=None)),
+                       r"annotation 0: keypoints are null, expected 3 x 3 numbers"),
+    "list_category_id": (lambda raw: _with_meta(raw, lambda m: _ann(m).update(category_id=[1])),
+                         r"annotation 0: category_id \[1\] is not an integer"),
+    "null_annotations": (lambda raw: _with_meta(raw, lambda m: m.update(annotations=None)),
+                         "'json' annotations is null, expected a list"),
 }
 
 
@@ -55,8 +74,8 @@ def write_bad_source(root, case: str):
     samples = [boxed_sample(k, height=16, width=16, seed=i, category_id=1) for i, k in enumerate(KEYS)]
     if case != "truncated_tar":
         samples[BAD] = CASES[case][0](samples[BAD])
-    write_source(root, samples, name="src", tasks=["detection", "instance_mask", "semantic"], shard_size=SHARD,
-                 categories=CATEGORIES, semantic_classes=["bg", "thing"])
+    write_source(root, samples, name="src", tasks=["detection", "instance_mask", "keypoints", "semantic"],
+                 shard_size=SHARD, categories=CATEGORIES, keypoints=KEYPOINT_SCHEMA, semantic_classes=["bg", "thing"])
     if case == "truncated_tar":
         # Cut shard 2 inside the data of the first member of its sample #2: #2 and #3 are
         # lost; #0 and #1, complete before the cut, are read.
@@ -110,10 +129,53 @@ def test_skip_drops_counts_and_logs_and_loses_nothing_else(tmp_path, case, caplo
         assert "src-000002.tar: 2 samples (#2-#3) lost: " in messages[0]
 
 
-def test_skip_fails_the_run_past_max_bad_fraction(tmp_path):
-    loader = loader_for(write_bad_source(tmp_path, "corrupt_jpeg"), bad_sample_policy="skip", max_bad_fraction=0.05)
-    with pytest.raises(TooManyBadSamples, match=r"'src': 1 of \d+ samples read by reader 0 of rank 0 were bad.*0.05"):
-        list(itertools.islice(loader, N))
+def test_one_bad_sample_in_a_small_share_does_not_stop_skip(tmp_path):
+    # Defaults: max_bad_fraction 0.01. The reader's share is 12 samples, 1 of them bad: a
+    # reader's 1/12 is no reason to stop; the source's fraction is judged against at least
+    # data.bad_fraction_min_samples samples, over all ranks.
+    loader = loader_for(write_bad_source(tmp_path, "corrupt_jpeg"), bad_sample_policy="skip")
+    keys = [b.keys[0] for b in itertools.islice(loader, 3 * (N - 1))]  # three epochs
+    assert len(keys) == 3 * (N - 1) and f"src/{KEYS[BAD]}" not in keys
+    counts = loader.bad_sample_counts()
+    assert counts.dtype == torch.float64 and counts.tolist() == [[3], [3 * N]]  # bad, read
+    assert loader.check_bad_samples(counts) == {"src": 3}
+    assert loader.data_metrics(bad_samples={"src": 7})["data/src/bad_samples"] == 7  # the all-rank count
+
+
+@pytest.mark.parametrize("min_samples, bad, read, trips", [
+    (1000, 100, 120, False),  # 100 of at least 1000: 10 %, not more
+    (1000, 101, 120, True),  # a mostly broken source fails before min_samples are read
+    (10, 1, 9, False),  # judged against 10
+    (0, 1, 9, True),
+    (10, 5, 50, False),
+    (10, 6, 50, True),
+])
+def test_check_bad_samples_judges_the_source_against_min_samples(tmp_path, min_samples, bad, read, trips):
+    loader = loader_for(write_bad_source(tmp_path, "corrupt_jpeg"), bad_sample_policy="skip", max_bad_fraction=0.1,
+                        bad_fraction_min_samples=min_samples)
+    summed = torch.tensor([[bad], [read]], dtype=torch.float64)
+    if not trips:
+        assert loader.check_bad_samples(summed) == {"src": bad}
+        return
+    with pytest.raises(TooManyBadSamples, match=(
+            rf"source 'src': {bad} of {read} samples read by all 1 rank\(s\) were bad, more than "
+            rf"data.max_bad_fraction=0.1 \(judged against at least data.bad_fraction_min_samples={min_samples}")):
+        loader.check_bad_samples(summed)
+
+
+def test_a_reader_finding_no_good_sample_stops_instead_of_spinning(tmp_path):
+    samples = [boxed_sample(k, height=16, width=16, seed=i, category_id=1) for i, k in enumerate(KEYS)]
+    samples = [raw | {"jpg": b"not a jpeg"} for raw in samples]
+    write_source(tmp_path, samples, name="src", tasks=["detection"], shard_size=SHARD, categories=CATEGORIES)
+    loader = loader_for(tmp_path, bad_sample_policy="skip", bad_fraction_min_samples=30)
+    with pytest.raises(TooManyBadSamples, match=r"'src': reader 0 of rank 0 read 30 samples in a row and every "
+                                                r"one was bad \(last: .*cannot decode 'jpg'"):
+        next(iter(loader))
+
+
+def test_bad_fraction_min_samples_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"DataConfig.bad_fraction_min_samples must be >= 0, got -1"):
+        loader_for(tmp_path, bad_fraction_min_samples=-1)
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])

@@ -355,6 +355,7 @@ BAD_INPUTS = {
     "missing image folder": _missing_image_folder,
     "json without images": _coco_case(lambda coco: coco.pop("images"), "images"),
     "json without annotations": _coco_case(lambda coco: coco.pop("annotations"), "annotations"),
+    "annotations null": _coco_case(lambda coco: coco.update(annotations=None), "'annotations' is null, expected a list"),
     "annotation without bbox": _coco_case(_drop("bbox"), "annotation id 9", "bbox"),
     "annotation without category_id": _coco_case(_drop("category_id"), "annotation id 9", "category_id"),
     "annotation without image_id": _coco_case(_drop("image_id"), "annotation id 9", "image_id"),
@@ -402,6 +403,16 @@ SKIP_CASES = {
     "image entry missing keys": (_image_entry_lacking_keys, "image entry #1", "image 7 lacks ['width']", [42, 1000]),
     "annotation of no image": (lambda images, coco: coco["annotations"][2].update(image_id=8), "annotation id 3",
                                "refers to image id 8", [42, 7, 1000]),
+    # What the decoder would reject (or crash on) later, found before anything is written.
+    "nan bbox": (lambda images, coco: coco["annotations"][1].update(bbox=[float("nan"), 6.0, 7.0, 5.0]),
+                 "image id 42 (a.jpg)", "annotation id 9: bbox [nan, 6.0, 7.0, 5.0] has a non-finite", [7, 1000]),
+    "negative bbox": (lambda images, coco: coco["annotations"][2].update(bbox=[3.0, 2.0, -4.0, 4.0]),
+                      "image id 7 (sub/b.png)", "annotation id 3: bbox [3.0, 2.0, -4.0, 4.0] has a negative size",
+                      [42, 1000]),
+    "two-point polygon": (lambda images, coco: coco["annotations"][0].update(segmentation=[[1.0, 1.0, 9.0, 7.0]]),
+                          "image id 42 (a.jpg)", "annotation id 5: segmentation polygon 0 has 4 values", [7, 1000]),
+    "category_id a list": (lambda images, coco: coco["annotations"][2].update(category_id=[5]),
+                           "image id 7 (sub/b.png)", "annotation id 3: category_id [5] is not an integer", [42, 1000]),
 }
 
 

@@ -178,6 +178,13 @@ def _ann(*, drop: str | None = None, **changes) -> bytes:
         ({"json": _ann(drop="segmentation")}, r"annotation 0 is missing key\(s\) \['segmentation'\]"),
         ({"json": _ann(category_id=5)}, r"unknown category id\(s\) \[5\]"),
         ({"json": _meta(image={"width": 10, "height": 12})}, "json says 12x10"),
+        # Mistyped fields (annotation_check, shared with the converters).
+        ({"json": _meta(image={"width": "16", "height": 12})}, r"'json' image: width '16' is not a positive integer"),
+        ({"json": _meta(annotations=[None])}, "annotation 0 is null, expected an object"),
+        ({"json": _ann(iscrowd=2)}, "annotation 0: iscrowd 2 is not 0 or 1"),
+        ({"json": _ann(segmentation={"size": [12, 16], "counts": [5, 3]})},
+         "annotation 0: RLE counts cover 8 pixels, the image has 192"),
+        ({"json": _ann(segmentation=[[1, 1, 5, 1, 5]])}, "annotation 0: segmentation polygon 0 has 5 values"),
     ],
 )
 def test_bad_sample_raises_naming_shard_and_key(overrides, what):

@@ -7,7 +7,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.torchrun import LaunchSpec, torchrun_command
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_source_overrides
 from trainer.config import load_config
 
 DEMO = str(REPO / "configs" / "demo_cpu.yaml")
@@ -55,10 +55,11 @@ def test_torchrun_command_keeps_overrides_intact():
         LaunchSpec(nnodes=2)
 
 
-def test_python_dash_m_launcher_dry_run():
+def test_python_dash_m_launcher_dry_run(demo_sources):
+    sources = [*demo_source_overrides(demo_sources), *demo_source_overrides(demo_sources, split="val", section="eval")]
     proc = subprocess.run([sys.executable, "-m", "launcher", "launch", DEMO, "--nproc-per-node", "2",
-                           "--dry-run", "trainer.max_steps=3"], cwd=REPO, capture_output=True, text=True)
+                           "--dry-run", *sources, "trainer.max_steps=3"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
     assert argv[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"]
-    assert argv[-5:] == ["-m", "launcher", "train", DEMO, "trainer.max_steps=3"]
+    assert argv[-(len(sources) + 5):] == ["-m", "launcher", "train", DEMO, *sources, "trainer.max_steps=3"]

@@ -9,7 +9,7 @@ import pytest
 
 from launcher import slurm
 from launcher.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_source_overrides
 from trainer.config_loading import ConfigError
 from trainer.preemption import PreemptionFlag, slurm_job_info
 
@@ -69,13 +69,16 @@ def test_a_requeued_job_resumes_its_own_run(tmp_path):
     assert slurm.job_overrides(config, [], again) == [f"run.dir={tmp_path / 'run'}", "checkpoint.resume=auto"]
 
 
-def test_cli_prints_the_run_dir_and_passes_it_to_the_ranks(monkeypatch, capsys, tmp_path):
+def test_cli_prints_the_run_dir_and_passes_it_to_the_ranks(monkeypatch, capsys, tmp_path, demo_sources):
     for key, value in JOB_ENV.items():
         monkeypatch.setenv(key, value)
     odd = f"run.dir={tmp_path}/a b/'c' $(d)"
-    assert main(["launch", "--slurm", "--print-run-dir", DEMO, odd]) == 0
+    # The launcher checks the data for the job's 8 ranks before it answers.
+    data = [*demo_source_overrides(demo_sources), *demo_source_overrides(demo_sources, split="val", section="eval"),
+            "data.readers_per_rank=1"]
+    assert main(["launch", "--slurm", "--print-run-dir", DEMO, *data, odd]) == 0
     assert capsys.readouterr().out == f"{tmp_path}/a b/'c' $(d)\n"
-    assert main(["launch", "--slurm", "--rdzv-endpoint", "gpu01:24321", "--dry-run", DEMO, odd]) == 0
+    assert main(["launch", "--slurm", "--rdzv-endpoint", "gpu01:24321", "--dry-run", DEMO, *data, odd]) == 0
     cmd = shlex.split(capsys.readouterr().out.splitlines()[-1])
     assert "--nproc-per-node=4" in cmd and "--nnodes=2" in cmd and "--rdzv-endpoint=gpu01:24321" in cmd
     assert cmd[-2:] == [odd, f"run.dir={tmp_path}/a b/'c' $(d)"]

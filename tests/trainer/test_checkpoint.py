@@ -188,3 +188,184 @@ def test_crafted_offsets_and_lengths_must_stay_within_the_shard(tmp_path, field,
         _rewrite_items(tmp_path / "ckpt" / ".metadata", lambda item: dataclasses.replace(item, **{field: value}))
         with pytest.raises(CheckpointLoadError, match=r"(truncated or crafted, item|bytes cannot hold)"):
             read_dcp({"w": torch.zeros(4), "v": torch.zeros(4)}, tmp_path / "ckpt")
+
+
+def _saved_steps(run_dir, steps, *, keep_last=5):
+    """Real checkpoints of ``steps`` written by a Checkpointer (call inside _one_rank_group)."""
+    import torch
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer, write_dcp
+
+    checkpointer = Checkpointer(run_dir=run_dir, cfg=CheckpointConfig(keep_last=keep_last), is_main=True)
+    for step in steps:
+        checkpointer.save(step, lambda d, step=step: write_dcp({"w": torch.full((4,), float(step))}, d),
+                          {"backend": "ddp"})
+    checkpointer.finish()
+    return checkpointer
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("missing_target", "points at step_40, which does not exist"),
+    ("no_meta", "points at step_40, which is incomplete (no meta.json)"),
+    ("no_metadata", "points at step_40, which is incomplete (no .metadata)"),
+    ("no_link", "is missing"),
+])
+def test_broken_latest_resumes_from_the_newest_complete_step(tmp_path, caplog, damage, problem):
+    """Issue 15 items 3 and 4: `latest` lost or pointing at an incomplete step must not read as
+    "no checkpoint" (the run started over and overwrote step_30): the newest complete step,
+    with a warning; an incomplete step and a stale partial are passed over."""
+    import logging
+    import os
+    import shutil
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer
+
+    with _one_rank_group():
+        _saved_steps(tmp_path, [10, 20, 30, 40])
+    root = tmp_path / "checkpoints"
+    (root / "step_50.partial").mkdir()  # a save killed midway
+    os.remove(root / "step_20" / "meta.json")  # older damage: never chosen over step_30 anyway
+    if damage == "missing_target":
+        shutil.rmtree(root / "step_40")
+    elif damage == "no_meta":
+        os.remove(root / "step_40" / "meta.json")
+    elif damage == "no_metadata":
+        os.remove(root / "step_40" / ".metadata")
+    else:
+        shutil.rmtree(root / "step_40")
+        os.remove(root / "latest")
+    caplog.set_level(logging.WARNING, logger="trainer.checkpoint")
+    found = Checkpointer(run_dir=tmp_path, cfg=CheckpointConfig(), is_main=False).latest()
+    assert found == root / "step_30"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{root / 'latest'} {problem}; resuming from {root / 'step_30'}" in warning, warning
+
+
+def test_only_incomplete_checkpoints_are_an_error_naming_them(tmp_path):
+    """Checkpoints there but none complete: refuse, naming each, rather than start over."""
+    import os
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLoadError
+
+    with _one_rank_group():
+        _saved_steps(tmp_path, [10, 20])
+    root = tmp_path / "checkpoints"
+    os.remove(root / "step_10" / "meta.json")
+    (root / "step_20" / "meta.json").write_text("{torn")
+    with pytest.raises(CheckpointLoadError) as info:
+        Checkpointer(run_dir=tmp_path, cfg=CheckpointConfig(), is_main=False).latest()
+    message = str(info.value)
+    assert "points at step_20, which is incomplete (unreadable meta.json" in message, message
+    assert "step_10 (no meta.json)" in message and "not starting over" in message, message
+    # A run directory without step directories is a fresh run, not an error.
+    assert Checkpointer(run_dir=tmp_path / "fresh", cfg=CheckpointConfig(), is_main=True).latest() is None
+
+
+class _DevFullWriter:
+    """A RawTensorWriter whose shard files are /dev/full: every write of them fails with the
+    kernel's own ENOSPC, as on a full disk (.metadata and the directory are real files)."""
+
+    def __new__(cls, path):
+        import contextlib
+
+        from trainer.checkpoint_storage import RawTensorWriter
+
+        writer = RawTensorWriter(path)
+        real_create_stream = writer.fs.create_stream
+
+        @contextlib.contextmanager
+        def create_stream(file, mode):
+            if str(file).endswith(".distcp"):
+                with open("/dev/full", mode) as stream:
+                    yield stream
+            else:
+                with real_create_stream(file, mode) as stream:
+                    yield stream
+
+        writer.fs.create_stream = create_stream
+        return writer
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_during_a_save_is_one_line_and_removes_the_partial(tmp_path, mode):
+    """Issue 15 item 8 (ENOSPC from /dev/full at the storage writer; see the tmpfs test below
+    for a real full filesystem): one line with the path, bytes needed and free; the partial is
+    removed and `latest` still points at the previous checkpoint."""
+    import os
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.checkpoint import CheckpointSaveError
+
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("no writable /dev/full")
+    state = {"w": torch.ones(2**18)}  # 1 MiB: larger than any write buffer
+    with _one_rank_group():
+        checkpointer = _saved_steps(tmp_path, [1])
+        root = tmp_path / "checkpoints"
+        if mode == "sync":
+            write = lambda d: dcp.save(state, storage_writer=_DevFullWriter(str(d)))  # noqa: E731
+        else:
+            group = dist.new_group(backend="gloo")
+            write = lambda d: dcp.async_save(state, storage_writer=_DevFullWriter(str(d)), process_group=group)  # noqa: E731
+        with pytest.raises(CheckpointSaveError) as info:
+            checkpointer.save(2, write, {"backend": "ddp"})
+            checkpointer.finish()  # async: the failed write surfaces when it is finalised
+        message = str(info.value)
+        assert "\n" not in message
+        size_1 = sum(f.stat().st_size for f in (root / "step_1").iterdir())
+        assert message.startswith(f"checkpoint step_2: No space left on device writing {root / 'step_2.partial'}: "
+                                  f"needs about {size_1} bytes"), message
+        assert "MiB, the size of step_1), has " in message and "checkpoints/latest still points at step_1" in message
+        free = int(message.split(", has ")[1].split(" bytes")[0])
+        assert abs(free - shutil.disk_usage(root).free) < 2**26, message  # the same filesystem, a moment apart
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
+        assert checkpointer.latest() == root / "step_1"
+
+
+def _userns_tmpfs_works(where) -> bool:
+    import subprocess
+
+    try:
+        proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                               'mount -t tmpfs -o size=1m tmpfs "$0"', str(where)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    """Issue 15 item 8 on a real 3 MiB tmpfs (mounted in a user namespace, no root needed):
+    step_1 (about 1.6 MiB) fits, step_2 of the same size does not."""
+    import json
+    import subprocess
+    import sys
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if not _userns_tmpfs_works(mount):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -Urm)")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           'mount -t tmpfs -o size=3m tmpfs "$0" && exec "$1" "$2" "$0"',
+                           str(mount), sys.executable, str(SCRIPTS / "disk_full_worker.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    message = report["error"]
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint step_2: No space left on device writing {mount}/run/checkpoints/"
+                              f"step_2.partial"), message
+    assert f"needs about {report['step_1_bytes']} bytes" in message, message
+    assert f"has {report['free_after']} bytes (" in message and "after removing the partial) free;" in message, message
+    # torch.save (DeepSpeed's writer) reports it as a RuntimeError without errno: still one line.
+    message = report["torch_save_error"]
+    assert "\n" not in message and message.startswith(
+        f"checkpoint step_3: the disk is full writing {mount}/run/checkpoints/step_3.partial (RuntimeError: "), message
+    assert f"needs about {report['step_1_bytes']} bytes" in message, message
+    assert f"has {report['free_after']} bytes (" in message, message  # its open file was released first
+    assert report["listing"] == ["latest", "step_1"] and report["latest"] == "step_1"
+    assert report["free_after"] > report["step_1_bytes"] // 2  # the partial's space came back

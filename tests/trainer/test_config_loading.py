@@ -87,3 +87,59 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         read_yaml(lst)
+
+
+@dataclass(kw_only=True)
+class Typed:
+    dir: str = "runs/x"
+    lr: float = 0.1
+    steps: int = 3
+    flag: bool = False
+    betas: list[float] = field(default_factory=list)
+    note: str | None = "n"
+    limit: int | None = 5
+    options: dict[str, int] = field(default_factory=dict)
+
+
+def _typed(*overrides):
+    return from_dict(Typed, apply_overrides({}, list(overrides)))
+
+
+def test_override_values_are_read_as_the_field_expects():
+    cfg = _typed("dir=/x/a #b", "lr=1e-3", "steps=12", "flag=false", "betas=[0.9, 0.99]", "options={a: 1}")
+    assert cfg.dir == "/x/a #b"  # str fields take the text verbatim: no YAML comment
+    assert cfg.lr == 1e-3 and cfg.steps == 12 and cfg.flag is False and cfg.betas == [0.9, 0.99]
+    assert cfg.options == {"a": 1}
+    assert _typed("dir=null", "note=123").dir == "null" and _typed("note=123").note == "123"
+    assert _typed("note=", "limit=null").note is None and _typed("limit=").limit is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dir=", "dir: empty value"),  # not the current directory
+        ("steps=1.5", "steps: expected an integer, got '1.5'"),
+        ("steps=1e3", "steps: expected an integer"),
+        ("lr=fast", "lr: expected a number, got 'fast'"),
+        ("flag=maybe", "flag: expected true/false"),
+        ("betas=[0.9", "betas: '[0.9' is not valid YAML"),
+    ],
+)
+def test_bad_override_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        _typed(override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_job_config_overrides_keep_hashes_and_parse_exponents(tmp_path):
+    from trainer.config import load_config
+
+    config = tmp_path / "job.yaml"
+    config.write_text("data:\n  sources:\n    - path: a\n")
+    cfg = load_config(config, ["run.dir=/x/a #b", "optim.lr=1e-3", "data.sources=[{path: b}]", "data.sources.0.path=c #d"])
+    assert cfg.run.dir == "/x/a #b" and cfg.optim.lr == 1e-3 and cfg.data.sources[0].path == "c #d"
+    with pytest.raises(ConfigError, match=r"run\.dir: empty value"):
+        load_config(config, ["run.dir="])
+    config.write_text("run:\n  dir: ''\ndata:\n  sources:\n    - path: a\n")
+    with pytest.raises(ConfigError, match=r"run\.dir is empty"):
+        load_config(config)

@@ -2,6 +2,7 @@
 keeps every row; the API key never reaches our logs."""
 import json
 import logging
+import time
 
 from trainer.metrics_logger import MetricsLogger, WandbConfig
 from trainer.wandb_records import find_run_file, read_history
@@ -32,6 +33,7 @@ def test_bad_api_key_warns_once_and_metrics_jsonl_continues(tmp_path, monkeypatc
 def test_wandb_failing_mid_run_warns_once_and_metrics_jsonl_continues(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="offline"), config={}, enabled=True)
+    assert logger.wandb_started(timeout=120) and logger._wandb_run is not None
     logger.log(1, {"loss/total": 1.0})
     logger._wandb_run.finish()  # the W&B run dies under us (its service gone): log() now raises
     for step in range(2, 6):
@@ -42,3 +44,33 @@ def test_wandb_failing_mid_run_warns_once_and_metrics_jsonl_continues(tmp_path, 
     # what W&B got before it failed is still in its offline file
     history = read_history(find_run_file(tmp_path))
     assert [row["_step"] for row in history] == [1]
+
+
+def test_wandb_online_without_a_network_never_holds_up_training(tmp_path, monkeypatch, caplog):
+    """W&B starts beside training: rank 0 reaches its first collective at once instead of
+    after wandb.init's timeout, and rows logged meanwhile are kept."""
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://10.255.255.1:9")  # unroutable: connects never answer
+    caplog.set_level(logging.WARNING)
+    started = time.perf_counter()
+    logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="online", init_timeout_s=4), config={},
+                           enabled=True)
+    for step in range(1, 4):
+        logger.log(step, {"loss/total": 1.0 / step})
+    assert time.perf_counter() - started < 1.5  # not blocked on W&B
+    assert logger.run_id and len(logger.run_id) == 8  # known at once, for the first checkpoint
+    logger.close()
+    assert time.perf_counter() - started < 4 + 30
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "W&B disabled" in warnings[0].getMessage()
+
+
+def test_rows_logged_while_wandb_starts_reach_it(tmp_path):
+    logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="offline"), config={}, enabled=True)
+    for step in range(1, 4):
+        logger.log(step, {"loss/total": 1.0 / step})
+    logger.close()
+    history = read_history(find_run_file(tmp_path))
+    assert [row["_step"] for row in history] == [1, 2, 3]
+    assert history[2]["loss/total"] == 1.0 / 3

@@ -39,7 +39,7 @@ def _kill_tree(pid):
 
 def _audit(run_dir, rank):
     lines = [json.loads(line) for line in (run_dir / "audit" / f"rank_{rank}.jsonl").read_text().splitlines()]
-    return {line["step"]: line["keys"] for line in lines}
+    return [(line["step"], line["keys"]) for line in lines]
 
 
 def _losses_by_step(run_dir):
@@ -87,8 +87,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(backend, demo_sources, tmp
     assert sorted(again) == list(range(1, STEPS + 1))
     for step in range(killed_at + 1, STEPS + 1):
         assert again[step] == full[step], f"step {step}: {again[step]} != {full[step]}"  # bitwise
-    # The audit trail: per step and rank, the same samples as the uninterrupted run (the
-    # killed leg may have logged steps past its checkpoint; the resumed run's lines win).
+    # The audit trail: per step and rank, the same samples as the uninterrupted run, each step
+    # once (the steps the killed leg logged past its checkpoint were cut on resume).
     for rank in (0, 1):
         assert _audit(run_dir, rank) == _audit(uninterrupted, rank)
     a = json.loads((uninterrupted / "summary.json").read_text())["replica_digests"]
@@ -238,3 +238,31 @@ def test_zero_resume_on_another_world_size(zero_run_of_two_ranks, demo_sources, 
         for line in (run_dir / "audit" / f"rank_{r}.jsonl").read_text().splitlines():
             per_step.setdefault(json.loads(line)["step"], []).extend(json.loads(line)["keys"])
     assert {s: len(k) for s, k in per_step.items()} == {1: 4, 2: 4, 3: 4, 4: 2, 5: 2}
+
+
+def test_lost_latest_resumes_from_the_newest_complete_step(demo_sources, tmp_path):
+    """Issue 15 items 3, 12 and 14 through the trainer: `latest` dangles (its step_4 is gone,
+    as after a crash), so the run resumes from step_2 with a warning, never from step 0; it
+    logs the changed batch size (old and new) and records its own in meta.json; the audit
+    trail drops the discarded steps 3-4, so it shows each step once, as trained."""
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    proc = _launch(demo_sources, run_dir, "trainer.max_steps=4", "checkpoint.every=2")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-6000:]
+    shutil.rmtree(checkpoints / "step_4")
+
+    resumed = _launch(demo_sources, run_dir, "trainer.max_steps=5", "checkpoint.every=2", "data.batch_size=1")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-6000:]
+    assert (f"{checkpoints / 'latest'} points at step_4, which does not exist; resuming from "
+            f"{checkpoints / 'step_2'}, the newest complete checkpoint there") in out, out[-6000:]
+    assert f"resumed from {checkpoints / 'step_2'} at step 2" in out
+    assert ("was trained with data.batch_size=2 x trainer.grad_accum_steps=1 x 2 ranks = 4 samples per step, "
+            "this job uses data.batch_size=1 x trainer.grad_accum_steps=1 x 2 ranks = 2 samples per step") in out
+    assert "rank_0.jsonl: dropped 2 line(s) (steps 3..4) past step 2" in out
+    meta = json.loads((checkpoints / "step_5" / "meta.json").read_text())
+    assert (meta["batch_size"], meta["grad_accum_steps"], meta["world_size"]) == (1, 1, 2)
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (run_dir / "audit" / f"rank_{rank}.jsonl").read_text().splitlines()]
+        assert [(line["step"], len(line["keys"])) for line in lines] == [(1, 2), (2, 2), (3, 1), (4, 1), (5, 1)]

@@ -42,7 +42,13 @@ class TrainBackend(ABC):
 
     @abstractmethod
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, step, zero the gradients, advance the schedule; returns the grad norm."""
+        """Clip, step, zero the gradients, advance the schedule; returns the global grad
+        norm (the same on every rank), non-finite when the gradients were. Sets
+        :attr:`last_step_applied`."""
+
+    #: Whether the last ``optimizer_step`` updated the weights. With a non-finite norm it
+    #: should not have; a backend that did anyway makes the trainer stop at once.
+    last_step_applied: bool = True
 
     @abstractmethod
     def lr(self) -> float: ...

@@ -70,7 +70,11 @@ class DDPBackend(TrainBackend):
     def optimizer_step(self) -> torch.Tensor:
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        # Gradients are all-reduced, so every rank takes the same decision. Reading the norm
+        # is one host sync per step: a NaN update would poison the weights and Adam's moments.
+        self.last_step_applied = bool(torch.isfinite(grad_norm))
+        if self.last_step_applied:
+            self.optimizer.step()
         if self._free_grads_after_step:
             self.optimizer.zero_grad(set_to_none=True)
         else:

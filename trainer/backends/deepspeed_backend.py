@@ -123,6 +123,11 @@ class DeepSpeedBackend(TrainBackend):
 
     def optimizer_step(self) -> torch.Tensor:
         self.model.step()
+        # ZeRO-1/2/3 skip an update whose gradients overflow (not finite) on their own;
+        # ZeRO-0 with a torch optimizer does not, and the trainer then stops.
+        self.last_step_applied = self.model.was_step_applied()
+        if not self.last_step_applied:
+            return torch.tensor(float("nan"))
         norm = self.model.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
 

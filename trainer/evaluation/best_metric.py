@@ -7,19 +7,45 @@ import math
 import os
 from pathlib import Path
 
-from data_pipelines.manifest import load_manifest
+from collections.abc import Mapping
+
+from trainer.evaluation.coco_metrics import STAT_NAMES
 from trainer.evaluation.config import EvalConfig
+from trainer.evaluation.dense_metrics import TOP_K
+from trainer.evaluation.source_spec import SourceSpec
 
 BEST_NAME = "best.json"
+SEMANTIC_STATS = ("mIoU", "pixel_acc")  # dense_metrics.semantic_scores
 
 
-def check_best_metric_source(cfg: EvalConfig) -> None:
-    """``eval.best_metric`` names a configured validation source (``val/<source>/...``)."""
-    names = [load_manifest(s.path).name for s in cfg.sources]
-    source = (cfg.best_metric or "").split("/")[1:2]
-    if not source or source[0] not in names:
-        raise ValueError(f"eval.best_metric {cfg.best_metric!r}: expected val/<source>/<metric> "
-                         f"with <source> one of the eval sources {names}")
+def check_best_metric(cfg: EvalConfig, specs: Mapping[str, SourceSpec]) -> None:
+    """``eval.best_metric`` is a key the evaluation of ``specs`` (``eval_source_specs``) will
+    report: ``val/<source>/<bbox|segm|keypoints|semantic|classification>/<metric>``. Checked
+    before training, not when the first evaluation is over."""
+    if cfg.best_metric is None:
+        return
+    if not cfg.sources:
+        raise ValueError(f"eval.best_metric is {cfg.best_metric!r} but eval.sources is empty, so nothing is "
+                         f"evaluated; add eval.sources or set eval.best_metric=null")
+    parts = cfg.best_metric.split("/")
+    source = parts[1] if len(parts) > 1 else ""
+    if source not in specs:
+        raise ValueError(f"eval.best_metric {cfg.best_metric!r}: expected val/<source>/<task>/<metric> with "
+                         f"<source> one of the eval sources {sorted(specs)}")
+    known = metric_keys(specs[source])
+    if cfg.best_metric not in known:
+        raise ValueError(f"eval.best_metric {cfg.best_metric!r} is not a metric of source {source!r}; "
+                         f"expected one of {known}")
+
+
+def metric_keys(spec: SourceSpec) -> list[str]:
+    """The ``val/...`` keys the evaluator reports for one source."""
+    scored = {iou: STAT_NAMES[iou] for iou in spec.iou_types}
+    if spec.semantic_classes is not None:
+        scored["semantic"] = SEMANTIC_STATS
+    if spec.image_classes is not None:
+        scored["classification"] = tuple(f"top{k}" for k in TOP_K)
+    return [f"val/{spec.name}/{task}/{stat}" for task, stats in scored.items() for stat in stats]
 
 
 class BestMetricTracker:

@@ -14,6 +14,7 @@ A figure with nothing to show is not written.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -35,6 +36,8 @@ HEADLINE = {
 }
 _COS_KEY = re.compile(r"^balancer/cos/([^/]+)/([^/]+)$")
 
+log = logging.getLogger(__name__)
+
 
 def render_report(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[Path]:
     """Write the figures; returns their paths. Raises FileNotFoundError without metrics.jsonl."""
@@ -54,7 +57,22 @@ def render_report(run_dir: str | Path, *, out_dir: str | Path | None = None) -> 
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is this a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a torn last line (and a resumed run appends after
+            # it); the rows around it are whole.
+            log.warning("%s:%d: skipped a torn line (not valid JSON): %.60r", path, number, line)
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            log.warning("%s:%d: skipped a line that is not a metrics row: %.60r", path, number, line)
+    return rows
 
 
 def eval_rows(eval_dir: Path) -> list[dict]:

@@ -78,3 +78,14 @@ def test_report_draws_cosine_heatmaps_when_logged(tmp_path):
     assert names == ["cosine_10.png", "cosine_30.png", "cosine_40.png", "losses.png", "weights.png"]
     with Image.open(tmp_path / "figs" / "cosine_30.png") as image:
         assert image.size == PNG_SIZE
+
+
+def test_report_skips_a_torn_last_line_with_a_warning(tmp_path, caplog):
+    # A run killed mid-write: the last metrics line stops half way.
+    rows = [{"step": step, "loss/detection": 1.0 / step, "weight/detection": 1.0} for step in (10, 20, 30)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"step": 40, "loss/detection": 0.2})[:17]
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert polytask(["report", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["losses.png", "weights.png"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"{tmp_path / 'metrics.jsonl'}:4: skipped a torn line" in warnings[0], warnings

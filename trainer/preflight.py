@@ -1,0 +1,79 @@
+"""What the launcher checks before torchrun spawns a process: the data sources and the
+evaluation set-up, with the validation functions the ranks themselves call, so a problem
+reads the same whether the launcher or a rank finds it.
+
+- training sources: their manifests load, the label spaces merge (one keypoint layout),
+  every source feeds all reader slots (world size x ``data.readers_per_rank``): the
+  ranks' own :func:`build_train_loader`, which starts no process;
+- evaluation sources: manifests load, map into the training label space, and their
+  ground-truth files exist (:func:`eval_source_specs`, also called by every rank at start-up);
+- ``eval.best_metric`` names a metric the run evaluates (:func:`check_best_metric`).
+
+Each problem is one line; independent problems are all reported.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from data_pipelines.label_space import LabelSpace
+from data_pipelines.loader import build_train_loader
+from trainer.config import JobConfig
+from trainer.evaluation.best_metric import check_best_metric
+from trainer.evaluation.config import EvalConfig
+from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
+from trainer.evaluation.source_spec import SourceSpec, source_spec
+
+T = TypeVar("T")
+
+
+def preflight_problems(cfg: JobConfig, *, world_size: int) -> list[str]:
+    """One line per problem found in ``cfg``'s data and evaluation set-up; [] when none."""
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], T]) -> T | None:
+        try:
+            return check()
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            problems.append(_one_line(e))
+            return None
+
+    built = attempt(lambda: build_train_loader(cfg.data, rank=0, world_size=world_size))
+    if not cfg.eval.sources:
+        attempt(lambda: check_best_metric(cfg.eval, {}))
+    elif built is None:  # without the training label space, the manifests are what can be checked
+        attempt(lambda: load_eval_manifests(cfg.eval, model_tasks=list(cfg.model.tasks)))
+    else:
+        _, label_space, _ = built
+        specs = attempt(lambda: eval_source_specs(cfg.eval, model_tasks=cfg.model.tasks, label_space=label_space))
+        if specs is not None:
+            attempt(lambda: check_best_metric(cfg.eval, specs))
+    return problems
+
+
+def eval_source_specs(cfg: EvalConfig, *, model_tasks: list[str], label_space: LabelSpace) -> dict[str, SourceSpec]:
+    """What each validation source is scored on, as the evaluator works it out, after checking
+    that the COCO ground truth it scores against is there (rather than after training)."""
+    manifests = load_eval_manifests(cfg, model_tasks=list(model_tasks))
+    space = map_eval_sources(label_space, manifests)
+    specs = {}
+    for i, (source, manifest) in enumerate(zip(cfg.sources, manifests)):
+        try:
+            spec = source_spec(manifest, space)  # reads the ground truth of keypoint sources
+        except FileNotFoundError as e:
+            raise FileNotFoundError(_no_ground_truth(i, source.path, manifest.name, e.filename)) from None
+        if spec.annotation_file is not None and not Path(spec.annotation_file).is_file():
+            raise FileNotFoundError(_no_ground_truth(i, source.path, manifest.name, spec.annotation_file))
+        specs[manifest.name] = spec
+    return specs
+
+
+def _no_ground_truth(index: int, path: str, name: str, missing: str | None) -> str:
+    return (f"eval.sources[{index}].path: validation source {name!r} ({path}) is scored against "
+            f"{missing}, which does not exist")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split())
