@@ -20,6 +20,6 @@ from trainer.balancers import (  # noqa: F401  (imported to register the methods
     uncertainty,
 )
 from trainer.balancers.base import Balancer
-from trainer.balancers.registry import balancer_names, build_balancer, register_balancer
+from trainer.balancers.registry import balancer_class, balancer_names, build_balancer, register_balancer
 
-__all__ = ["Balancer", "balancer_names", "build_balancer", "register_balancer"]
+__all__ = ["Balancer", "balancer_class", "balancer_names", "build_balancer", "register_balancer"]

@@ -46,6 +46,10 @@ class Balancer(ABC):
     name: ClassVar[str] = ""  # set by register_balancer
     # False for loss-based methods: the trainer can skip the per-task backward passes.
     needs_gram: ClassVar[bool] = True
+    # True when the coefficients never depend on the step's statistics (static, equal):
+    # the trainer then needs no statistics before the backward pass, so gradient
+    # accumulation works (see :meth:`fixed_coefficients`).
+    fixed: ClassVar[bool] = False
 
     def __init__(self, task_names: Sequence[str]) -> None:
         tasks = list(task_names)
@@ -86,6 +90,14 @@ class Balancer(ABC):
             coef = torch.zeros(count, dtype=torch.float64)
         self.state["step"] = int(self.state["step"]) + 1
         return coef.to(device=losses.device, dtype=losses.dtype)
+
+    def fixed_coefficients(self) -> Tensor:
+        """float64 [T]: the coefficients of a :attr:`fixed` balancer with every task present
+        (an absent task's loss is an exact zero, so its coefficient does not matter)."""
+        if not self.fixed:
+            raise ValueError(f"{self.name}: coefficients depend on each step's statistics")
+        count = self.num_tasks
+        return self._solve(None, torch.zeros(count, dtype=torch.float64), torch.ones(count, dtype=torch.bool))
 
     def combine(self, grads: Tensor, losses: Tensor, *, present: Tensor | None = None) -> Tensor:
         """Σ c_i g_i for an explicit (T, D) matrix of per-task gradients (one step)."""

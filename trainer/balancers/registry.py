@@ -27,11 +27,15 @@ def balancer_names() -> list[str]:
     return list(_BALANCERS)
 
 
-def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Balancer:
-    """``name``'s balancer for ``task_names``; ``options`` override its (paper) defaults."""
+def balancer_class(name: str) -> type[Balancer]:
     if name not in _BALANCERS:
         raise ValueError(f"no balancer registered as {name!r}; registered: {balancer_names()}")
-    cls = _BALANCERS[name]
+    return _BALANCERS[name]
+
+
+def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Balancer:
+    """``name``'s balancer for ``task_names``; ``options`` override its (paper) defaults."""
+    cls = balancer_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "task_names")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -15,6 +15,7 @@ class Equal(Balancer):
     """c_i = 1 for every present task: the plain sum of the task losses (Σ c = #present)."""
 
     needs_gram = False
+    fixed = True
 
     def _solve(self, gram: Tensor | None, losses: Tensor, present: Tensor) -> Tensor:
         return torch.ones(self.num_tasks, dtype=torch.float64)
@@ -22,10 +23,11 @@ class Equal(Balancer):
 
 @register_balancer("static")
 class Static(Balancer):
-    """c_i = ``weights[task]`` (default 1.0) for every present task, as
-    ``trainer.loss_weights`` does; absent tasks get 0 and the others are not rescaled."""
+    """c_i = ``weights[task]`` (default 1.0) for every present task (the trainer passes
+    ``trainer.loss_weights``); absent tasks get 0 and the others are not rescaled."""
 
     needs_gram = False
+    fixed = True
 
     def __init__(self, task_names: Sequence[str], *, weights: Mapping[str, float] | None = None) -> None:
         super().__init__(task_names)
