@@ -24,10 +24,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The quick benches; each is a module of bench/ (`python -m bench.<name> --help`).
 bench: setup
-	$(BIN)/python bench/step_overhead.py
-	$(BIN)/python bench/data_pipeline.py
-	$(BIN)/python bench/checkpoint_save.py
+	$(BIN)/python -m bench.step_overhead
+	$(BIN)/python -m bench.data_pipeline
+	$(BIN)/python -m bench.checkpoint_save
 
 clean:
 	rm -rf runs $(DATA_DIR)

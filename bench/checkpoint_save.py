@@ -5,8 +5,8 @@ One process: DCP writes everything, as torch.save does. Under torchrun (DDP, rep
 state): DCP splits the writing over the ranks; the baseline is what a non-sharded DDP
 trainer does, rank 0 ``torch.save``-ing the whole state while the others wait.
 
-    .venv/bin/python bench/checkpoint_save.py [--repeats 5] [--dir /tmp]
-    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/checkpoint_save.py --dir /tmp
+    .venv/bin/python -m bench.checkpoint_save [--repeats 5] [--dir /tmp]
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 -m bench.checkpoint_save --dir /tmp
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipelines.schema import TASKS  # noqa: E402
-from models import ModelConfig, build_model  # noqa: E402
-from trainer.backends.ddp import DDPBackend  # noqa: E402
-from trainer.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
-from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from trainer.garbage_collection import StepGarbageCollection  # noqa: E402
-from trainer.optim import OptimConfig  # noqa: E402
+from data_pipelines.schema import TASKS
+from models import ModelConfig, build_model
+from trainer.backends.ddp import DDPBackend
+from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.garbage_collection import StepGarbageCollection
+from trainer.optim import OptimConfig
 
 
 def main() -> None:
@@ -62,20 +59,17 @@ def main() -> None:
     try:
         checkpointer = Checkpointer(run_dir=root / "run", cfg=CheckpointConfig(keep_last=1), is_main=dist_info.is_main)
         ours, plain, durable, blocking = [], [], [], []
-        sync_save = backend._save_group
         for i in range(args.repeats):
-            backend._save_group = None  # synchronous
             t0 = time.perf_counter()
-            checkpointer.save(2 * i, lambda d: backend.save(d, extra), {})
+            checkpointer.save(2 * i, lambda d: backend.save(d, extra, background=False), {})
             ours.append(time.perf_counter() - t0)
 
-            backend._save_group = sync_save  # async: what a training step waits for
-            t0 = time.perf_counter()
-            checkpointer.save(2 * i + 1, lambda d: backend.save(d, extra), {})
+            t0 = time.perf_counter()  # in the background: what a training step waits for
+            checkpointer.save(2 * i + 1, lambda d: backend.save(d, extra, background=True), {})
             blocking.append(time.perf_counter() - t0)
             checkpointer.poll(wait=True)
 
-            state = backend._state(extra)  # the very tensors DCP wrote
+            state = backend.state(extra)  # the very tensors DCP wrote
             target = root / f"plain_{i}.pt"
             dist.barrier()
             t0 = time.perf_counter()

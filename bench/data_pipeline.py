@@ -27,7 +27,7 @@ no reduced decode at 224), crop and colour jitter: there annotation decoding and
 augmentation add real work that the JPEG-only loop does not do, so its ratio 1 is
 reported, not targeted.
 
-    .venv/bin/python bench/data_pipeline.py [--workload photos|multitask] [--rounds 3]
+    .venv/bin/python -m bench.data_pipeline [--workload photos|multitask] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import io
 import itertools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,15 +46,13 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipelines.batch_transport import pack, unpack  # noqa: E402
-from data_pipelines.collate import collate  # noqa: E402
-from data_pipelines.decode import decode_sample, reduction_for  # noqa: E402
-from data_pipelines.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
-from data_pipelines.manifest import KeypointSchema, Manifest, ShardInfo  # noqa: E402
-from data_pipelines.tar_samples import TarSamples  # noqa: E402
-from data_pipelines.transforms import TransformConfig  # noqa: E402
+from data_pipelines.manifest import KeypointSchema, Manifest, ShardInfo
+from data_pipelines.streaming.batch_transport import pack, unpack
+from data_pipelines.streaming.collate import collate
+from data_pipelines.streaming.decode import decode_sample, reduction_for
+from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.tar_samples import TarSamples
+from data_pipelines.streaming.transforms import TransformConfig
 
 HEIGHT, WIDTH = 480, 640
 SHARD_SAMPLES = 32

@@ -5,7 +5,7 @@ COCOeval, dense metrics, summary files) against ``model.predict`` alone on the s
 already decoded batches; one process. Rounds alternate between the two so that machine
 noise hits both alike; medians and their ratio are printed.
 
-    .venv/bin/python bench/eval_throughput.py [--checkpoint RUN/checkpoints/latest] [--rounds 3]
+    .venv/bin/python -m bench.eval_throughput [--checkpoint RUN/checkpoints/latest] [--rounds 3]
 
 Without ``--checkpoint`` the model is untrained: it detects next to nothing, which makes
 the mask/keypoint cascades and the COCO work unrealistically cheap. Pass the demo run's
@@ -14,31 +14,25 @@ checkpoint (trained with the same config) for representative numbers.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipelines.convert import convert_demo  # noqa: E402
-from data_pipelines.label_space import build_label_space  # noqa: E402
-from data_pipelines.loader import SourceConfig, load_manifests  # noqa: E402
-from data_pipelines.synthetic import generate_demo_data  # noqa: E402
-from models import build_model  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from trainer.evaluation.eval_main import load_model_weights  # noqa: E402
-from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources  # noqa: E402
-from trainer.evaluation.eval_stream import build_eval_loader  # noqa: E402
-from trainer.evaluation.evaluator import evaluate  # noqa: E402
-
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
-REPO = Path(__file__).resolve().parents[1]
+from bench.demo_job import DEMO_CONFIG, demo_overrides, single_process_group
+from data_pipelines.demo.shards import make_demo_shards
+from data_pipelines.demo.synthetic import DEMO_TASKS
+from data_pipelines.label_space import build_label_space
+from data_pipelines.streaming.eval_loader import build_eval_loader
+from data_pipelines.streaming.loader import load_manifests
+from models import build_model
+from trainer.backends import load_model_weights
+from trainer.config import load_config
+from trainer.distributed import shutdown_distributed
+from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
+from trainer.evaluation.evaluator import evaluate
 
 
 def main() -> None:
@@ -53,24 +47,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # The demo's own data: 160 train / 40 val images per source (the train split fixes the label space).
-        convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
-        overrides = [f"data.sources.{i}.path={root / 'shards' / 'train' / s}" for i, s in enumerate(SOURCES)]
-        overrides += [f"run.dir={root / 'run'}", f"eval.num_workers={args.num_workers}"]
-        cfg = load_config(REPO / "configs" / "demo_cpu.yaml", overrides)
-        cfg.eval.sources = [SourceConfig(path=str(root / "shards" / "val" / s)) for s in SOURCES]
+        overrides = demo_overrides(make_demo_shards(root), root / "run", evaluate=True)
+        cfg = load_config(DEMO_CONFIG, overrides + [f"eval.num_workers={args.num_workers}"])
 
-        os.environ.pop("RANK", None)
-        dist_info = init_distributed(device="cpu")
+        single_process_group()
         label_space = build_label_space(load_manifests(cfg.data))
         model = build_model(cfg.model, num_classes=label_space.num_classes())
         if args.checkpoint:
-            load_model_weights(model, Path(args.checkpoint))
+            load_model_weights(model, Path(args.checkpoint), backend="ddp")
         model.eval()
 
         manifests = load_eval_manifests(cfg.eval, model_tasks=list(model.heads))
         loader = build_eval_loader(
             manifests, label_space=map_eval_sources(label_space, manifests), transforms=cfg.data.transforms,
-            rank=0, world_size=1, batch_size=cfg.eval.batch_size, num_workers=0, max_images=None,
+            rank=0, world_size=1, batch_size=cfg.eval.batch_size, num_workers=0, max_images=cfg.eval.max_images,
         )
         batches = [batch.images for batch, _ in loader]
         images = sum(len(b) for b in batches)
@@ -97,7 +87,7 @@ def main() -> None:
         shutdown_distributed()
 
     b, e = statistics.median(bare), statistics.median(full)
-    print(f"images            : {images} (demo val split, {len(SOURCES)} sources), batch {cfg.eval.batch_size}, "
+    print(f"images            : {images} (demo val split, {len(DEMO_TASKS)} sources), batch {cfg.eval.batch_size}, "
           f"{args.threads} threads, {args.num_workers} loader worker(s)")
     print(f"bare predict      : {b:8.2f} images/s (median of {args.rounds} rounds)")
     print(f"evaluate          : {e:8.2f} images/s -> {images / e:.1f} s per evaluation")

@@ -7,17 +7,15 @@ machinery: the per-task global normalisation (an all-reduce of a [T] tensor over
 with the forward), masks, per-step loss bookkeeping, the backend indirection. Rounds alternate between the two so that
 machine noise hits both alike; the ratio of medians is printed by rank 0.
 
-    .venv/bin/python bench/step_overhead.py [--steps 20] [--rounds 5]        # one process
-    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/step_overhead.py --threads 1
-    python bench/step_overhead.py --device cuda --precision bf16            # one GPU, NCCL
+    .venv/bin/python -m bench.step_overhead [--steps 20] [--rounds 5]        # one process
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 -m bench.step_overhead --threads 1
+    python -m bench.step_overhead --device cuda --precision bf16            # one GPU, NCCL
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +23,15 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipelines.convert import convert_demo  # noqa: E402
-from data_pipelines.synthetic import generate_demo_data  # noqa: E402
-from models import build_model  # noqa: E402
-from trainer.backends.ddp import forward_buffer_sync  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
-from trainer.train_loop import Trainer, seed_everything  # noqa: E402
-
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
+from bench.demo_job import DEMO_CONFIG, demo_overrides
+from data_pipelines.demo.shards import make_demo_shards
+from models import build_model
+from trainer.backends.ddp import forward_buffer_sync
+from trainer.config import load_config
+from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.rng_state import seed_everything
+from trainer.train_loop import Trainer
 
 
 def main() -> None:
@@ -57,12 +52,10 @@ def main() -> None:
     # Every rank makes the same demo data in its own directory (deterministic, seconds).
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
-        overrides = [f"data.sources.{i}.path={root / 'shards' / 'train' / s}" for i, s in enumerate(SOURCES)]
-        overrides += [f"run.dir={root / 'run'}", "wandb.mode=disabled", "data.num_workers=0",
-                      "trainer.max_steps=100000", "checkpoint.resume=never", "eval.sources=[]", "eval.best_metric=null",
-                      f"trainer.device={args.device}", f"trainer.precision={args.precision}", *args.set]
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml", overrides)
+        overrides = demo_overrides(make_demo_shards(root), root / "run") + [
+            "trainer.max_steps=100000", f"trainer.device={args.device}", f"trainer.precision={args.precision}",
+            *args.set]
+        cfg = load_config(DEMO_CONFIG, overrides)
 
         dist_info = init_distributed(device=args.device)
         device = dist_info.device
@@ -120,7 +113,7 @@ def main() -> None:
             else:
                 trainer_t.append(trainer_round())
                 bare_t.append(bare_round())
-        trainer.metrics.close()
+        trainer.close()
         shutdown_distributed()
 
     if dist_info.rank != 0:

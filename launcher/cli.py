@@ -22,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_pipelines.data_cli import add_data_subcommands
+    from launcher.data_cli import add_data_subcommands
 
     parser = argparse.ArgumentParser(prog="polytask", description="Distributed multi-task vision trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "report":
             return _report(args)
-        from data_pipelines.data_cli import run_data_command
+        from launcher.data_cli import run_data_command
 
         return run_data_command(args)
     except (ConfigError, FileNotFoundError, RunDirLocked) as e:
@@ -184,13 +184,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     die_with_parent()
     from trainer.config import load_config
-    from trainer.evaluation.eval_main import run_eval
+    from trainer.main import run_eval
 
     return run_eval(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trainer.evaluation.report import render_report
+    from launcher.report import render_report
 
     for path in render_report(args.run_dir, out_dir=args.out):
         print(path)

@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 
+from launcher.run_lock import pid_alive
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The launcher's pid, for its grandchildren (the ranks): see die_with_parent.
 LAUNCHER_PID_ENV = "POLYTASK_LAUNCHER_PID"
@@ -37,7 +39,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     rank was starting is caught by looking for it (the agent dies with the launcher)."""
     set_parent_death_signal(sig)
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-    if launcher.isdigit() and not _alive(int(launcher)):
+    if launcher.isdigit() and not pid_alive(int(launcher)):
         os.kill(os.getpid(), sig)
 
 
@@ -47,18 +49,3 @@ def torchrun_preexec(launcher_pid: int) -> None:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != launcher_pid:  # the launcher died between fork and prctl
         os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0): a launcher killed with -9 whose parent has not reaped it.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True

@@ -115,7 +115,7 @@ def stale_reason(holder: LockOwner, me: LockOwner) -> str | None:
         return f"Slurm job {holder.slurm_job_id} requeued"
     if holder.host != me.host:
         return None
-    if not _pid_exists(holder.pid):
+    if not pid_alive(holder.pid):
         return f"pid {holder.pid} is gone"
     if holder.pid_start is not None and _pid_start(holder.pid) not in (None, holder.pid_start):
         return f"pid {holder.pid} now belongs to another process"
@@ -153,7 +153,8 @@ def _read(path: Path) -> tuple[LockOwner | None, str] | None:
         return None, text
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone and not a zombie (killed, waiting to be reaped)."""
     if pid <= 0:
         return False
     try:

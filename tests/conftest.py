@@ -22,19 +22,15 @@ def run_torchrun(args: list[str], *, nproc: int = 2, timeout: float = 600, cwd: 
 
 def demo_source_overrides(shards: Path, *, split: str = "train", section: str = "data") -> list[str]:
     """``<section>.sources.<i>.path=...`` for every demo source, in configs/demo_cpu.yaml's order."""
-    from data_pipelines.synthetic import DEMO_TASKS
+    from data_pipelines.demo.shards import demo_source_paths
 
-    return [f"{section}.sources.{i}.path={shards / split / s}" for i, s in enumerate(DEMO_TASKS)]
+    return [f"{section}.sources.{i}.path={p}" for i, p in enumerate(demo_source_paths(shards, split=split))]
 
 
 @pytest.fixture(scope="session")
 def demo_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small demo data, generated and converted once per test session; returns the root
     holding ``<split>/<source>/manifest.json``."""
-    from data_pipelines.convert import convert_demo
-    from data_pipelines.synthetic import generate_demo_data
+    from data_pipelines.demo.shards import make_demo_shards
 
-    root = tmp_path_factory.mktemp("demo")
-    raw = generate_demo_data(root / "raw", seed=0, num_images={"train": 24, "val": 8})
-    convert_demo(raw, root / "shards")
-    return root / "shards"
+    return make_demo_shards(tmp_path_factory.mktemp("demo"), seed=0, num_images={"train": 24, "val": 8})

@@ -136,5 +136,12 @@ class LossBalancing:
             total = total + surrogate_loss(z, combine_task_gradients(grads, weights, like=z))
         return BalancedLoss(total=total, stats=stats, coefficients=coefficients)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The balancer's state (a checkpoint part)."""
+        return self.balancer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.balancer.load_state_dict(state)
+
     def metrics(self, step: BalancedLoss) -> dict[str, float]:
         return {**statistics_metrics(step.stats, self.tasks, step.coefficients), **self.balancer.monitor()}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_pipelines.loader import DataConfig
+from data_pipelines.streaming.loader import DataConfig
 from data_pipelines.schema import TASKS
 from models.config import ModelConfig
 from trainer.backends.deepspeed_backend import DeepSpeedConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from data_pipelines.label_space import LabelSpace
-from data_pipelines.loader import build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
 from trainer.config import JobConfig
 from trainer.evaluation.best_metric import check_best_metric
 from trainer.evaluation.config import EvalConfig

@@ -9,26 +9,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipelines.audit import AuditWriter, cut_audit_trails
-from data_pipelines.loader import build_train_loader
-from data_pipelines.reshard import reshard_states
+from data_pipelines.streaming.audit import AuditWriter, cut_audit_trails
+from data_pipelines.streaming.loader import build_train_loader
 from data_pipelines.schema import Batch
 from models import build_model
 from trainer.backends import build_backend
 from trainer.balancing import LossBalancing
 from trainer.checkpoint import Checkpointer, CheckpointLoadError
+from trainer.checkpoint.parts import DataPosition, RankRNG, TrainProgress, load_parts, parts_state
 from trainer.config import JobConfig
 from trainer.config_loading import dump_yaml, to_dict
 from trainer.distributed import DistInfo
@@ -38,7 +36,7 @@ from trainer.garbage_collection import StepGarbageCollection
 from trainer.metrics_logger import MetricsLogger
 from trainer.preemption import PreemptionFlag, slurm_job_info
 from trainer.preflight import eval_source_specs
-from trainer.rng_state import get_rng_state, set_rng_state
+from trainer.rng_state import seed_everything
 from trainer.task_losses import GlobalTaskCounts, local_task_counts, scale_task_losses
 from trainer.weights_digest import weights_digest
 
@@ -59,10 +57,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class _LogWindow:
@@ -113,7 +107,16 @@ class Trainer:
                                        world_size=dist_info.world_size)
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
                                      micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save)
-        self.step = 0
+        self.progress = TrainProgress()
+        # What a checkpoint holds beside the backend's model, optimizer and schedule.
+        self.parts = {
+            "train": self.progress,
+            "balancer": self.balancing,
+            "rng": RankRNG(rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
+                           progress=self.progress),
+            "data": DataPosition(self.loader, rank=dist_info.rank, world_size=dist_info.world_size,
+                                 readers_per_rank=cfg.data.readers_per_rank),
+        }
         self.skipped_steps = 0  # non-finite gradient norm: no update (see _check_finite)
         self._bad_steps_in_a_row = 0
         self._data_iter: Iterator[Batch] | None = None
@@ -150,23 +153,15 @@ class Trainer:
             enabled=dist_info.is_main, run_id=wandb_run_id,
         )
 
-    # --- checkpoint state -------------------------------------------------------------
-    def _extra_state(self, *, data_ranks: int | None = None) -> dict[str, Any]:
-        """The loop's own state; per-rank parts under per-rank keys (DCP keeps one copy of a
-        key that every rank holds). Stream positions are JSON strings: a leaf that loads
-        whatever the world size, so a resume on another world size can read every old
-        rank's position (``data_ranks`` of them) and reshard them."""
-        rank = f"rank_{self.dist.rank}"
-        data = {rank: json.dumps(self.loader.state_dict())} if data_ranks is None else {
-            f"rank_{r}": "" for r in range(data_ranks)
-        }
-        return {
-            "train": {"step": self.step},
-            "balancer": self.balancing.balancer.state_dict(),
-            "rng": {rank: get_rng_state()},
-            "data": data,
-        }
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    # --- checkpoint state -------------------------------------------------------------
     def _maybe_resume(self) -> str | None:
         resume = self.cfg.checkpoint.resume
         if resume == "never":
@@ -181,22 +176,8 @@ class Trainer:
         if meta.get("backend", "ddp") != backend:
             raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
         self._warn_batch_change(path, meta)
-        extra = self._extra_state(data_ranks=None if same_world else old_world)
+        load_parts(self.parts, lambda templates: self.backend.load(path, templates), saved_world_size=old_world)
         if not same_world:
-            extra.pop("rng")  # per-rank RNG belongs to the old layout of ranks; reseeded below
-        self.backend.load(path, extra)
-        self.step = int(extra["train"]["step"])
-        self.balancing.balancer.load_state_dict(extra["balancer"])
-        rank = f"rank_{self.dist.rank}"
-        if same_world:
-            set_rng_state(extra["rng"][rank])
-            self.loader.load_state_dict(json.loads(extra["data"][rank]))
-        else:
-            old_states = [json.loads(extra["data"][f"rank_{r}"]) for r in range(old_world)]
-            new_states = reshard_states(old_states, world_size=self.dist.world_size,
-                                        readers_per_rank=self.cfg.data.readers_per_rank)
-            self.loader.load_state_dict(new_states[self.dist.rank])
-            seed_everything(self.cfg.run.seed + 1_000_003 * self.step + self.dist.rank)
             log.warning("checkpoint %s was written by %d ranks, this job has %d: model and optimizer "
                         "resharded, data positions remapped (the interrupted epochs finish first)",
                         path, old_world, self.dist.world_size)
@@ -230,7 +211,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self._check_weights_finite()  # checkpoints/latest never points at NaN weights
         meta = {"wandb_run_id": self.metrics.run_id, "backend": self.cfg.trainer.backend, **self._batch_layout()}
-        extra = self._extra_state()
+        extra = parts_state(self.parts)
         return self.checkpointer.save(self.step, lambda d: self.backend.save(d, extra), meta)
 
     def _check_weights_finite(self) -> None:

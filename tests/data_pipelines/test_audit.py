@@ -1,7 +1,7 @@
 import json
 import logging
 
-from data_pipelines.audit import AuditWriter, cut_audit_trails
+from data_pipelines.streaming.audit import AuditWriter, cut_audit_trails
 
 
 def _steps(path):
@@ -28,7 +28,7 @@ def test_a_resume_cuts_the_discarded_steps_from_every_trail(tmp_path, caplog):
                 audit.write(step, [f"src/{rank}-{step}"])
     with open(tmp_path / "audit" / "rank_1.jsonl", "a") as f:
         f.write('{"step": 6, "ke')  # torn by SIGKILL
-    caplog.set_level(logging.WARNING, logger="data_pipelines.audit")
+    caplog.set_level(logging.WARNING, logger="data_pipelines.streaming.audit")
     assert cut_audit_trails(tmp_path, after_step=3) == 2 + 3 + 2
     assert "rank_1.jsonl: dropped 3 line(s) (steps 4..5, 1 torn) past step 3" in caplog.text, caplog.text
     for rank in (0, 1):  # the resumed run (2 ranks) appends from step 4

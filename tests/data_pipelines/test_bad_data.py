@@ -11,11 +11,11 @@ import tarfile
 import pytest
 import torch
 
-from data_pipelines.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
 from data_pipelines.manifest import load_manifest
-from data_pipelines.shard_reader import ManifestMismatch
-from data_pipelines.stream import BadSampleError, TooManyBadSamples
-from data_pipelines.transforms import TransformConfig
+from data_pipelines.streaming.shard_reader import ManifestMismatch
+from data_pipelines.streaming.stream import BadSampleError, TooManyBadSamples
+from data_pipelines.streaming.transforms import TransformConfig
 from tests.data_pipelines.shard_fixtures import (
     KEYPOINT_SCHEMA,
     boxed_sample,
@@ -115,7 +115,7 @@ def test_raise_names_shard_key_and_problem(tmp_path, case):
 def test_skip_drops_counts_and_logs_and_loses_nothing_else(tmp_path, case, caplog):
     loader = loader_for(write_bad_source(tmp_path, case), bad_sample_policy="skip", max_bad_fraction=0.25)
     good = N - len(LOST[case])
-    with caplog.at_level(logging.WARNING, logger="data_pipelines.stream"):
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.streaming.stream"):
         # One sample into the next epoch: every position of the first has been read.
         epoch0 = [b.keys[0] for b in itertools.islice(loader, good + 1)][:good]
     # Every good sample of the epoch exactly once; only the bad ones are missing.

@@ -15,7 +15,7 @@ from tests.data_pipelines.shard_fixtures import jpeg_bytes, sample_member, write
 
 NUM_SAMPLES, SIZE = 16, 32
 BAD_KEYS = {f"c{i:03d}" for i in range(0, NUM_SAMPLES, 4)}  # every 4th sample: both ranks read some
-SKIPPED = re.compile(r"\[rank (\d)\] WARNING data_pipelines\.stream: source 'cls': skipped bad sample")
+SKIPPED = re.compile(r"\[rank (\d)\] WARNING data_pipelines\.streaming\.stream: source 'cls': skipped bad sample")
 
 
 def _write_classes_source(root) -> None:

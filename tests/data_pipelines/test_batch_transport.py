@@ -3,8 +3,8 @@ import pickle
 import torch
 from torchvision import tv_tensors
 
-from data_pipelines.batch_transport import pack, unpack
-from data_pipelines.collate import collate
+from data_pipelines.streaming.batch_transport import pack, unpack
+from data_pipelines.streaming.collate import collate
 from data_pipelines.schema import task_mask_for
 
 

@@ -17,17 +17,17 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_pipelines.bad_data import TooManyBadSamples
-from data_pipelines.convert import (
+from data_pipelines.conversion import (
     DEFAULT_KEYPOINT_SIGMA,
     SKIPPED_NAME,
     convert_coco,
-    convert_demo,
     convert_image_folder,
     convert_semantic,
 )
-from data_pipelines.data_cli import add_data_subcommands, run_data_command
+from data_pipelines.demo.shards import convert_demo
+from launcher.data_cli import add_data_subcommands, run_data_command
 from data_pipelines.manifest import MANIFEST_NAME, load_manifest
-from data_pipelines.synthetic import (
+from data_pipelines.demo.synthetic import (
     DEMO_TASKS,
     KEYPOINT_FLIP_MAP,
     KEYPOINT_SIGMAS,

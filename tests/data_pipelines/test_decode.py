@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision import tv_tensors
 
-from data_pipelines.decode import decode_sample
+from data_pipelines.streaming.decode import decode_sample
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import Manifest, ShardInfo
 from data_pipelines.schema import IGNORE_INDEX, TASKS, task_mask_for

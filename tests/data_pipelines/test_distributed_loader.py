@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipelines.epoch_plan import EpochShare, SourcePlan
-from data_pipelines.loader import build_train_loader
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.loader import build_train_loader
 from tests.conftest import SCRIPTS, run_torchrun
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 from tests.scripts.loader_worker import config, record

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
 
 # Uneven shards, one of them empty: shares must still partition every epoch.
 SIZES = (5, 0, 3, 7, 1, 6)

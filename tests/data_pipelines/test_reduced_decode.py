@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.decode import decode_sample, full_size_semantic
+from data_pipelines.streaming.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import IGNORE_INDEX
-from data_pipelines.transforms import TransformConfig, build_train_transforms
+from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, jpeg_bytes, png_bytes, sample_member
 
 TASKS = ["detection", "instance_mask", "keypoints", "semantic"]
@@ -193,7 +193,7 @@ def test_evaluation_gets_the_semantic_mask_at_full_size():
 
 @pytest.mark.parametrize("decode_size", [24, None])  # reduced (50 x 67) and full-size decode
 def test_eval_records_hold_the_full_size_semantic_mask(decode_size):
-    from trainer.evaluation.eval_stream import EvalStream
+    from data_pipelines.streaming.eval_loader import EvalStream
 
     raw = big_sample(100, 134)
     stream = EvalStream([MANIFEST], label_space=SPACE, transform=lambda s: s, decode_size=decode_size,

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines.epoch_plan import EpochShare, SourcePlan
-from data_pipelines.source_reader import SourceReader
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.source_reader import SourceReader
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 
 SIZES = [4, 4, 4, 4, 4, 4, 3, 2]  # uneven, 29 samples

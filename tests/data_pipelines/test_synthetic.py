@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 from pycocotools.coco import COCO
 
-from data_pipelines.synthetic import (
+from data_pipelines.demo.synthetic import (
     DEMO_TASKS,
     INSTANCE_CATEGORY_IDS,
     KEYPOINT_NAMES,

@@ -5,9 +5,9 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from data_pipelines.epoch_plan import ShardSpan
-from data_pipelines.shard_reader import ReadFailure, read_spans
-from data_pipelines.tar_samples import ShardReadError, TarSamples
+from data_pipelines.streaming.epoch_plan import ShardSpan
+from data_pipelines.streaming.shard_reader import ReadFailure, read_spans
+from data_pipelines.streaming.tar_samples import ShardReadError, TarSamples
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 
 N = 4

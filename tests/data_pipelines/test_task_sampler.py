@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines.task_sampler import TaskSampler, strategy_weights
+from data_pipelines.streaming.task_sampler import TaskSampler, strategy_weights
 
 SIZES = {"coco": 100, "ade": 300, "imagenet": 600}
 # Realised fractions over 20,000 draws must be within this of the target (> 4 standard

@@ -3,7 +3,7 @@ import torch
 from torchvision import tv_tensors
 
 from data_pipelines.schema import IGNORE_INDEX, task_mask_for
-from data_pipelines.transforms import (
+from data_pipelines.streaming.transforms import (
     INSTANCE_KEYS,
     TrainTransforms,
     TransformConfig,

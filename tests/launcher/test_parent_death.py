@@ -23,8 +23,8 @@ def _ranks(launcher: psutil.Process) -> list[psutil.Process]:
     found = []
     for p in launcher.children(recursive=True):
         try:
-            cmdline = p.cmdline()
-            if "train" in cmdline and "torch.distributed.run" not in cmdline:  # not torchrun's agent
+            # A rank is a child of torchrun's agent (its data workers, forked, share its cmdline).
+            if "torch.distributed.run" in p.parent().cmdline() and "train" in p.cmdline():
                 found.append(p)
         except psutil.NoSuchProcess:
             pass

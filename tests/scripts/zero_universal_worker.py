@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.label_space import build_label_space
-from data_pipelines.loader import load_manifests
+from data_pipelines.streaming.loader import load_manifests
 from models import build_model
 from trainer.backends import build_backend
 from trainer.backends.deepspeed_checkpoint import load_file, state_dir

@@ -70,7 +70,7 @@ def _varied_state():
 
 
 def test_raw_tensor_storage_round_trips_every_dtype_and_shape(tmp_path):
-    """Tensors are written as raw bytes (trainer/checkpoint_storage.py): dtype, shape and
+    """Tensors are written as raw bytes (trainer/checkpoint/raw_storage.py): dtype, shape and
     values come back exactly; checkpoints in DCP's own format still load."""
     import torch
     import torch.distributed.checkpoint as dcp
@@ -268,7 +268,7 @@ class _DevFullWriter:
     def __new__(cls, path):
         import contextlib
 
-        from trainer.checkpoint_storage import RawTensorWriter
+        from trainer.checkpoint.raw_storage import RawTensorWriter
 
         writer = RawTensorWriter(path)
         real_create_stream = writer.fs.create_stream
@@ -369,3 +369,34 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
     assert f"has {report['free_after']} bytes (" in message, message  # its open file was released first
     assert report["listing"] == ["latest", "step_1"] and report["latest"] == "step_1"
     assert report["free_after"] > report["step_1_bytes"] // 2  # the partial's space came back
+
+
+def test_checkpoints_written_before_the_checkpoint_package_still_load(tmp_path, monkeypatch):
+    """Until 2026-12 RawItem lived in trainer/checkpoint_storage.py, and .metadata pickles
+    name it there: those checkpoints load exactly."""
+    import dataclasses
+    import sys
+    import types
+
+    import torch
+
+    from trainer.checkpoint import read_dcp, write_dcp
+    from trainer.checkpoint.raw_storage import RawItem
+
+    old_module = types.ModuleType("trainer.checkpoint_storage")
+    monkeypatch.setitem(sys.modules, "trainer.checkpoint_storage", old_module)
+    OldRawItem = dataclasses.make_dataclass("RawItem", [(f.name, f.type, f) for f in dataclasses.fields(RawItem)],
+                                            frozen=True, namespace={"__module__": "trainer.checkpoint_storage"})
+    old_module.RawItem = OldRawItem
+    with _one_rank_group():
+        saved = _varied_state()
+        write_dcp(saved, tmp_path / "old")
+        _rewrite_items(tmp_path / "old" / ".metadata", lambda item: OldRawItem(**dataclasses.asdict(item)))
+        assert b"trainer.checkpoint_storage" in (tmp_path / "old" / ".metadata").read_bytes()
+        monkeypatch.delitem(sys.modules, "trainer.checkpoint_storage")
+        loaded = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"step": 0, "name": ""}
+                  for k, v in saved.items()}
+        read_dcp(loaded, tmp_path / "old")
+        for k, v in saved.items():
+            if isinstance(v, torch.Tensor):
+                assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k

@@ -15,7 +15,7 @@ from trainer.config_loading import ConfigError
 
 def _checkpoint_floats(step_dir) -> list[np.ndarray]:
     """Every floating tensor of one of our DCP checkpoints, read from its raw bytes."""
-    from trainer.checkpoint_storage import RawItem, RawTensorReader
+    from trainer.checkpoint.raw_storage import RawItem, RawTensorReader
 
     metadata = RawTensorReader(str(step_dir)).read_metadata()
     arrays = []

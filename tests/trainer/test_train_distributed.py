@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from data_pipelines.schema import TASKS
-from data_pipelines.synthetic import DEMO_TASKS
+from data_pipelines.demo.synthetic import DEMO_TASKS
 from tests.conftest import REPO, demo_source_overrides
 from trainer.wandb_records import find_run_file, read_history
 

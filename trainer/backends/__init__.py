@@ -1,6 +1,8 @@
 """Distributed backends behind one training loop: ``trainer.backend: ddp | deepspeed``."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -8,6 +10,10 @@ from torch import nn
 
 from trainer.backends.base import TrainBackend
 from trainer.optim import OptimConfig
+from trainer.weights_digest import weights_digest
+
+log = logging.getLogger(__name__)
+BACKENDS = ("ddp", "deepspeed")
 
 if TYPE_CHECKING:  # trainer.config composes every component's config, backends included
     from trainer.config import TrainerConfig
@@ -29,4 +35,24 @@ def build_backend(cfg: "TrainerConfig", model: nn.Module, *, optim: OptimConfig,
     raise ValueError(f"trainer.backend: unknown backend {cfg.backend!r}")
 
 
-__all__ = ["TrainBackend", "build_backend"]
+def backend_class(name: str) -> type[TrainBackend]:
+    """The backend class of ``name`` (imported on demand: DeepSpeed is heavy)."""
+    if name == "ddp":
+        from trainer.backends.ddp import DDPBackend
+
+        return DDPBackend
+    if name == "deepspeed":
+        from trainer.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend
+    raise ValueError(f"unknown backend {name!r}; known: {list(BACKENDS)}")
+
+
+def load_model_weights(model: nn.Module, path: str | Path, *, backend: str) -> None:
+    """Only the model's weights from a checkpoint that ``backend`` wrote; each backend reads
+    its own format (collective for DDP checkpoints)."""
+    backend_class(backend).load_model_weights(model, Path(path))
+    log.info("loaded model weights from %s (%s backend), sha256 %s", path, backend, weights_digest(model.state_dict()))
+
+
+__all__ = ["BACKENDS", "TrainBackend", "backend_class", "build_backend", "load_model_weights"]

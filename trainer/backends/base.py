@@ -59,3 +59,8 @@ class TrainBackend(ABC):
 
     @abstractmethod
     def load(self, directory: Path, extra: dict[str, Any]) -> None: ...
+
+    @staticmethod
+    @abstractmethod
+    def load_model_weights(model: nn.Module, directory: Path) -> None:
+        """Only the model's weights from a checkpoint of this backend (evaluation, inference)."""

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backends.base import TrainBackend
@@ -85,18 +90,34 @@ class DDPBackend(TrainBackend):
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
+    def state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """This rank's checkpoint state: model and optimizer (DCP state dicts), LR schedule,
+        plus ``extra``; the very tensors :meth:`save` writes and :meth:`load` fills in."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), **extra}
 
-    def save(self, directory: Path, extra: dict[str, Any]) -> Future | None:
-        if self._save_group is not None:
-            return write_dcp_async(self._state(extra), directory, process_group=self._save_group)
-        write_dcp(self._state(extra), directory)
+    def save(self, directory: Path, extra: dict[str, Any], *, background: bool | None = None) -> Future | None:
+        """Write :meth:`state` to ``directory`` (DCP). ``background``: write in a background
+        thread and return its future (needs ``async_save=True``); ``None``: as constructed."""
+        if background is None:
+            background = self._save_group is not None
+        if background:
+            if self._save_group is None:
+                raise ValueError("DDPBackend.save(background=True) needs a backend built with async_save=True")
+            return write_dcp_async(self.state(extra), directory, process_group=self._save_group)
+        write_dcp(self.state(extra), directory)
         return None
 
+    @staticmethod
+    def load_model_weights(model: nn.Module, directory: Path) -> None:
+        """Only the model's weights from one of our DCP checkpoints, for evaluation and
+        inference (collective): DCP reads just the keys asked for, never the optimizer state."""
+        state = {"model": get_model_state_dict(model)}
+        read_dcp(state, directory)
+        set_model_state_dict(model, state["model"])
+
     def load(self, directory: Path, extra: dict[str, Any]) -> None:
-        state = self._state(extra)
+        state = self.state(extra)
         read_dcp(state, directory)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

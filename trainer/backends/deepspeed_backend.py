@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from trainer.backends.base import TrainBackend
 from trainer.backends.deepspeed_checkpoint import TAG as _TAG
 from trainer.backends.deepspeed_checkpoint import load_file
 from trainer.backends.deepspeed_universal import UNIVERSAL_DIR, saved_world_size, universal_copy, universal_load
-from trainer.checkpoint import CheckpointLoadError, read_dcp, write_dcp
+from trainer.checkpoint import CheckpointLoadError, mismatch_error, read_dcp, write_dcp
 from trainer.optim import OptimConfig, build_optimizer, build_scheduler
 
 
@@ -138,6 +138,14 @@ class DeepSpeedBackend(TrainBackend):
         self.model.save_checkpoint(str(directory / "deepspeed"), tag=_TAG, save_latest=False)
         write_dcp(extra, directory / "extra")
 
+    @staticmethod
+    def load_model_weights(model: nn.Module, directory: Path) -> None:
+        """Only the model's weights, consolidated from DeepSpeed's files of any ZeRO stage
+        and world size; every rank reads them itself (weights-only)."""
+        from trainer.backends.deepspeed_checkpoint import zero_model_state_dict
+
+        load_full_state_dict(model, zero_model_state_dict(directory), directory)
+
     def load(self, directory: Path, extra: dict[str, Any]) -> None:
         """Same world size: DeepSpeed's own files. Another one (ZeRO-1/2/3): their universal
         conversion, made once by rank 0 (see deepspeed_universal)."""
@@ -164,6 +172,20 @@ class DeepSpeedBackend(TrainBackend):
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (written by another backend?)")
         read_dcp(extra, directory / "extra")
+
+
+def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)``, with one error listing every mismatching key first."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    shape = sorted(
+        f"{k}: checkpoint {list(state[k].shape)} vs job {list(v.shape)}"
+        for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or shape:
+        raise mismatch_error(path, missing=missing, shape=shape, unexpected=unexpected)
+    model.load_state_dict(state)
 
 
 def _weights_only_checkpoint_engine(engine: Any) -> Any:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from trainer.evaluation.dense_metrics import TOP_K, semantic_confusion, topk_hits
-from trainer.evaluation.eval_stream import ImageRecord
+from data_pipelines.streaming.eval_loader import ImageRecord
 from trainer.evaluation.predictions import coco_results
 from trainer.evaluation.source_spec import SourceSpec
 

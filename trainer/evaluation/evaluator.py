@@ -22,13 +22,13 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipelines.label_space import LabelSpace
-from data_pipelines.transforms import TransformConfig
+from data_pipelines.streaming.transforms import TransformConfig
 from trainer.evaluation.accumulator import SourceAccumulator
 from trainer.evaluation.coco_metrics import CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.dense_metrics import classification_scores, semantic_scores
 from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
-from trainer.evaluation.eval_stream import build_eval_loader, expected_images
+from data_pipelines.streaming.eval_loader import build_eval_loader, expected_images
 from trainer.evaluation.source_spec import SourceSpec, source_spec
 
 log = logging.getLogger(__name__)

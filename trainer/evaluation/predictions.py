@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.evaluation.eval_stream import ImageRecord
+from data_pipelines.streaming.eval_loader import ImageRecord
 from trainer.evaluation.source_spec import SourceSpec
 
 # torchvision's reference evaluation binarises mask probabilities at this value.

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_pipelines.collate import collate
+from data_pipelines.streaming.collate import collate
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import IGNORE_INDEX, TASKS
-from data_pipelines.transforms import TransformConfig, build_eval_transforms
+from data_pipelines.streaming.transforms import TransformConfig, build_eval_transforms
 from trainer.evaluation.eval_sources import map_eval_sources
-from trainer.evaluation.eval_stream import EvalStream
+from data_pipelines.streaming.eval_loader import EvalStream
 
 
 def image_digest(image: Tensor) -> str:

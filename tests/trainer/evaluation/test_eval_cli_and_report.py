@@ -11,7 +11,7 @@ from PIL import Image, ImageStat
 from launcher.cli import main as polytask
 from tests.conftest import REPO
 from tests.trainer.evaluation.tiny_sources import SOURCES
-from trainer.evaluation.report import DPI, FIGSIZE
+from launcher.report import DPI, FIGSIZE
 
 STEPS = 2
 PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))

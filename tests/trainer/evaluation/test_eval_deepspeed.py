@@ -17,7 +17,7 @@ from trainer.checkpoint import CheckpointLoadError
 from trainer.weights_digest import weights_digest
 
 STEPS = 2
-_LOADED = re.compile(r"\[rank (\d+)\] INFO trainer\.evaluation\.eval_main: loaded model weights from .* sha256 ([0-9a-f]{64})")
+_LOADED = re.compile(r"\[rank (\d+)\] INFO trainer\.backends: loaded model weights from .* sha256 ([0-9a-f]{64})")
 
 
 def _overrides(tiny, run_dir, *extra):

@@ -2,11 +2,11 @@
 eval config's validation."""
 import pytest
 
-from data_pipelines.loader import SourceConfig
+from data_pipelines.streaming.loader import SourceConfig
 from tests.trainer.evaluation.tiny_sources import NUM_IMAGES, SOURCES
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.eval_sources import map_eval_sources
-from trainer.evaluation.eval_stream import build_eval_loader
+from data_pipelines.streaming.eval_loader import build_eval_loader
 
 
 def _shares(tiny, *, world_size, num_workers, max_images=None):

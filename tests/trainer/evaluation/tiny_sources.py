@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_pipelines.convert import convert_coco, convert_image_folder, convert_semantic
+from data_pipelines.conversion import convert_coco, convert_image_folder, convert_semantic
 
 IMAGE_SIZE = 192  # 64 * 3 = 48 * 4
 NUM_IMAGES = 5  # odd, so 2 ranks get unequal shares

@@ -196,6 +196,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("trainer.checkpoint_storage", "RawItem"):  # where it lived before 2026-12
+            return RawItem
         if (module, name) in _METADATA_TYPES:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from data_pipelines.bad_data import BAD_SAMPLE_POLICIES, TooManyBadSamples
-from data_pipelines.convert import (
+from data_pipelines.conversion import (
     COCO_TASKS,
     DEFAULT_BAD_SAMPLE_POLICY,
     DEFAULT_MAX_BAD_FRACTION,
@@ -24,12 +24,12 @@ from data_pipelines.convert import (
     DEFAULT_WORKERS,
     SKIPPED_NAME,
     convert_coco,
-    convert_demo,
     convert_image_folder,
     convert_semantic,
 )
+from data_pipelines.demo.shards import convert_demo
 from data_pipelines.manifest import MANIFEST_NAME
-from data_pipelines.synthetic import DEFAULT_NUM_IMAGES, generate_demo_data
+from data_pipelines.demo.synthetic import DEFAULT_NUM_IMAGES, generate_demo_data
 
 
 def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import itertools
 
-from data_pipelines.seeding import derive_seed, uniform
+from data_pipelines.streaming.seeding import derive_seed, uniform
 
 STRATEGIES: tuple[str, ...] = ("proportional", "uniform", "fixed", "temperature", "round_robin")
 COMPOSITIONS: tuple[str, ...] = ("mixed", "homogeneous")

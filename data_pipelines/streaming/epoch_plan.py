@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
-from data_pipelines.seeding import derive_seed, permutation
+from data_pipelines.streaming.seeding import derive_seed, permutation
 
 
 @dataclass(frozen=True, kw_only=True)

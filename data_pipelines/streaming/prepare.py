@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from data_pipelines.decode import decode_sample
+from data_pipelines.streaming.decode import decode_sample
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.seeding import derive_seed
+from data_pipelines.streaming.seeding import derive_seed
 
 
 class SamplePreparer:

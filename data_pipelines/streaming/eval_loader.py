@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.collate import collate
-from data_pipelines.decode import decode_sample, full_size_semantic
+from data_pipelines.streaming.collate import collate
+from data_pipelines.streaming.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import Batch
-from data_pipelines.tar_samples import TarSamples
-from data_pipelines.transforms import TransformConfig, build_eval_transforms
+from data_pipelines.streaming.tar_samples import TarSamples
+from data_pipelines.streaming.transforms import TransformConfig, build_eval_transforms
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipelines.collate import TARGET_KEYS, images_to_float, sample_images
+from data_pipelines.streaming.collate import TARGET_KEYS, images_to_float, sample_images
 from data_pipelines.schema import Batch
-from data_pipelines.shared_memory import empty_for_transport
+from data_pipelines.streaming.shared_memory import empty_for_transport
 
 # Targets with one value per sample, stacked; the others have one row per instance, concatenated.
 _PER_SAMPLE = ("semantic", "class_label")

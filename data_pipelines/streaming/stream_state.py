@@ -16,8 +16,8 @@ so the rank's batch counter is the smallest ``next_batch``.
 """
 from __future__ import annotations
 
-from data_pipelines.epoch_plan import SourcePlan
-from data_pipelines.source_reader import Segment
+from data_pipelines.streaming.epoch_plan import SourcePlan
+from data_pipelines.streaming.source_reader import Segment
 
 STATE_VERSION = 1
 
@@ -66,7 +66,7 @@ def check_compatible(saved: dict, layout: dict) -> None:
             + "; ".join(problems)
             + " (positions are per reader slot of world_size x data.readers_per_rank and per source; num_workers "
             "may change freely; for a new world_size or readers_per_rank pass every old rank's state through "
-            "data_pipelines.reshard.reshard_states)"
+            "data_pipelines.streaming.reshard.reshard_states)"
         )
 
 

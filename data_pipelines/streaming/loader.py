@@ -17,18 +17,18 @@ import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipelines.bad_data import check_bad_fraction, check_policy
-from data_pipelines.batch_transport import unpack
-from data_pipelines.data_metrics import data_metrics, source_counts
-from data_pipelines.epoch_plan import SourcePlan
+from data_pipelines.streaming.batch_transport import unpack
+from data_pipelines.streaming.data_metrics import data_metrics, source_counts
+from data_pipelines.streaming.epoch_plan import SourcePlan
 from data_pipelines.label_space import LabelSpace, build_label_space
 from data_pipelines.manifest import Manifest, load_manifest
-from data_pipelines.prepare import SamplePreparer
+from data_pipelines.streaming.prepare import SamplePreparer
 from data_pipelines.schema import Batch
-from data_pipelines.seeding import derive_seed
-from data_pipelines.stream import MixedSourceStream
-from data_pipelines.stream_state import merge_worker_states
-from data_pipelines.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
-from data_pipelines.transforms import TransformConfig, build_train_transforms
+from data_pipelines.streaming.seeding import derive_seed
+from data_pipelines.streaming.stream import MixedSourceStream
+from data_pipelines.streaming.stream_state import merge_worker_states
+from data_pipelines.streaming.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
+from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
 
 
 @dataclass(kw_only=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from data_pipelines.epoch_plan import EpochShare, SourcePlan
-from data_pipelines.shard_reader import ReadFailure, read_spans
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.shard_reader import ReadFailure, read_spans
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from data_pipelines.schema import Batch
-from data_pipelines.shared_memory import empty_for_transport
+from data_pipelines.streaming.shared_memory import empty_for_transport
 
 TARGET_KEYS: tuple[str, ...] = (
     "boxes",

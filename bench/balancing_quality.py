@@ -1,25 +1,11 @@
-"""Loss balancing: step time of every method, and quality of the demo task set per method.
+"""Loss balancing: quality of the demo task set per balancer, as Δm vs equal weighting.
 
-``speed``: one process (world size 1, gloo), the demo model and data of
-``configs/demo_cpu.yaml``, the same pre-fetched batches and the same initial model,
-optimizer and LR-schedule state for every method. Each method runs ``Trainer.train_step``
-with ``trainer.balancing`` swapped for that method (a fresh balancer, and the initial state
-restored, at the start of every round); rounds go round-robin over the methods (the order
-rotated each round) so that machine noise hits all alike; the median (and the fastest) of
-the rounds' ms/step is reported. Ratios are medians ÷ the median of balancer ``equal`` run
-through the balanced path (``_balanced_step``: what every dynamic method pays besides its
-own statistics); ``static`` is the static path (``_static_step``) with equal weights, shown
-beside it. Targets (issue "Speed and quality"): gradient methods in ``representation`` mode
-≤ 1.15×, FAMO / uncertainty / DWA ≤ 1.03×; ``parameters`` mode is reported only. One torch
-thread by default (``--threads``): see the note at the option.
-
-``quality``: per (method, seed), the demo task set trained in-process for ``--steps``
-steps (``polytask train`` equivalent: a :class:`Trainer`, ``train()``, ``finish()`` with
-its end-of-run evaluation on the demo validation split: all of it by default;
-``--eval-images`` takes that many per source, spread evenly over it);
-then the per-task validation *loss* of the final model, averaged over the labelled samples
-of the same fixed validation batches for every method. Δm relative to equal weighting
-(Maninis et al. 2019; Liu et al. 2021):
+Per (method, seed), the demo task set trained in-process for ``--steps`` steps (``polytask
+train`` equivalent: a :class:`Trainer`, ``train()``, ``finish()`` with its end-of-run
+evaluation on the demo validation split: all of it by default; ``--eval-images`` takes that
+many per source, spread evenly over it); then the per-task validation *loss* of the final
+model, averaged over the labelled samples of the same fixed validation batches for every
+method. Δm relative to equal weighting (Maninis et al. 2019; Liu et al. 2021):
     Δm = (1/T) Σ_t (-1)^{l_t} (M_t − M_eq,t) / M_eq,t × 100 %,   l_t = 1 when higher is better,
 over the per-task validation losses (lower is better) and, separately, over the headline
 metrics (bbox AP, segm AP, keypoints AP, semantic mIoU, classification top-1; higher is
@@ -27,17 +13,15 @@ better). Negative Δm = better than equal weighting. Each (method, seed) result 
 ``<out>/<method>_<seed>.json`` and skipped when present, so the study can run in pieces; the
 table covers every result in ``--out`` with the same ``--steps`` and ``--mode``.
 
-    .venv/bin/python bench/balancing.py speed [--steps 4] [--rounds 6] [--methods equal famo ...]
-    .venv/bin/python bench/balancing.py quality [--steps 300] [--seeds 0 1] \\
+    .venv/bin/python -m bench.balancing_quality [--steps 300] [--seeds 0 1] \\
         [--methods equal gradnorm pcgrad mgda nash_mtl famo] [--out runs/bench_balancing]
 
-In pieces: ``quality --methods equal gradnorm``, then ``--methods pcgrad mgda`` ...; each
-prints the table of everything in ``--out`` so far (``equal`` first: it is the reference).
+In pieces: ``--methods equal gradnorm``, then ``--methods pcgrad mgda`` ...; each prints the
+table of everything in ``--out`` so far (``equal`` first: it is the reference).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -54,24 +38,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progre
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_pipelines.convert import convert_demo  # noqa: E402
-from data_pipelines.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
+from bench.demo_job import DEMO_CONFIG, demo_overrides, single_process_group  # noqa: E402
+from data_pipelines.demo.shards import demo_source_paths, make_demo_shards  # noqa: E402
 from data_pipelines.schema import Batch  # noqa: E402
-from data_pipelines.synthetic import generate_demo_data  # noqa: E402
-from data_pipelines.transforms import TransformConfig  # noqa: E402
-from trainer.balancing import BalancerConfig, LossBalancing  # noqa: E402
+from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
+from data_pipelines.streaming.transforms import TransformConfig  # noqa: E402
+from trainer.balancers import balancer_class, balancer_names  # noqa: E402
 from trainer.config import JobConfig, load_config  # noqa: E402
-from trainer.distributed import DistInfo, init_distributed, shutdown_distributed  # noqa: E402
+from trainer.distributed import DistInfo, shutdown_distributed  # noqa: E402
 from trainer.train_loop import Trainer  # noqa: E402
 
-CONFIG = ROOT / "configs" / "demo_cpu.yaml"
-SOURCES = ["shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes"]
-LOSS_METHODS = ["uncertainty", "dwa", "famo"]  # loss-based: no gradient statistics
-GRADIENT_METHODS = ["gradnorm", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl"]
-ALL_METHODS = ["static", "equal", *LOSS_METHODS, *GRADIENT_METHODS]
 QUALITY_METHODS = ["equal", "gradnorm", "pcgrad", "mgda", "nash_mtl", "famo"]
 # Task -> the headline validation metric it is judged by (higher is better).
 HEADLINE = {
@@ -83,123 +59,15 @@ HEADLINE = {
 }
 
 
-# --- shared set-up ----------------------------------------------------------------------
-def make_demo_data(root: Path) -> Path:
-    """Generate and convert the demo sources under ``root``; returns the shard root
-    (``<shards>/<split>/<source>``). Byte-identical for every call (seed 0)."""
-    convert_demo(generate_demo_data(root / "raw", seed=0), root / "shards")
-    return root / "shards"
-
-
-def base_overrides(shards: Path, run_dir: Path) -> list[str]:
-    overrides = [f"data.sources.{i}.path={shards / 'train' / s}" for i, s in enumerate(SOURCES)]
-    return overrides + [f"run.dir={run_dir}", "wandb.mode=disabled", "data.num_workers=0",
-                        "checkpoint.resume=never", "eval.best_metric=null"]
-
-
-def start_process_group() -> DistInfo:
-    """World size 1 on gloo, once per process; every trainer of this process shares it."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    return init_distributed(device="cpu")
-
-
-def method_configs(methods: list[str]) -> list[tuple[str, str]]:
-    """(method, mode) pairs to time: every method in representation mode (the mode is
-    irrelevant for the loss-based ones and for the static path), gradient methods also in
-    parameters mode."""
-    unknown = sorted(set(methods) - set(ALL_METHODS))
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; expected some of {ALL_METHODS}")
-    methods = ["static", "equal", *methods]  # the denominators: in every run
-    ordered = [m for m in ALL_METHODS if m in methods]
-    pairs = [(m, "representation") for m in ordered]
-    pairs += [(m, "parameters") for m in ordered if m in GRADIENT_METHODS]
-    return pairs
-
-
-# --- speed ------------------------------------------------------------------------------
-def speed_target(method: str, mode: str) -> float | None:
-    if method in LOSS_METHODS:
-        return 1.03
-    if method in GRADIENT_METHODS and mode == "representation":
-        return 1.15
-    return None
-
-
-def run_speed(args: argparse.Namespace) -> None:
-    configs = method_configs(args.methods)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        shards = make_demo_data(root)
-        overrides = base_overrides(shards, root / "run") + ["trainer.max_steps=100000", "eval.sources=[]"]
-        cfg = load_config(CONFIG, overrides)
-        dist_info = start_process_group()
-        try:
-            trainer = Trainer(cfg, dist_info)
-            it = iter(trainer.loader)
-            batches = [next(it) for _ in range(args.steps)]
-            backend = trainer.backend
-            initial_model = copy.deepcopy(backend.module.state_dict())
-            initial_optim = copy.deepcopy(backend.optimizer.state_dict())
-            initial_sched = copy.deepcopy(backend.scheduler.state_dict())
-
-            def timed_round(method: str, mode: str, steps: list[Batch]) -> float:
-                """Initial state and a fresh balancer, then ``len(steps)`` train steps: s/step."""
-                backend.module.load_state_dict(initial_model)
-                backend.optimizer.load_state_dict(copy.deepcopy(initial_optim))
-                backend.scheduler.load_state_dict(copy.deepcopy(initial_sched))
-                backend.optimizer.zero_grad(set_to_none=True)
-                trainer.balancing = LossBalancing(BalancerConfig(name=method, mode=mode), trainer.tasks,
-                                                  static_weights=trainer.loss_weights, world_size=1)
-                t0 = time.perf_counter()
-                for b in steps:
-                    trainer.train_step([b])
-                return (time.perf_counter() - t0) / len(steps)
-
-            for method, mode in configs:  # warm-up: first-call costs, allocator, solver set-up
-                timed_round(method, mode, batches[:2])
-            times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
-            for r in range(args.rounds):
-                shift = r % len(configs)
-                for method, mode in configs[shift:] + configs[:shift]:
-                    times[(method, mode)].append(timed_round(method, mode, batches))
-                    print(f"round {r + 1}/{args.rounds} {method:12s} {mode:15s} "
-                          f"{times[(method, mode)][-1] * 1000:8.1f} ms/step", file=sys.stderr, flush=True)
-            trainer.metrics.close()
-        finally:
-            shutdown_distributed()
-
-    median = {c: statistics.median(t) for c, t in times.items()}
-    fastest = {c: min(t) for c, t in times.items()}
-    equal, static = ("equal", "representation"), ("static", "representation")
-    print(f"\nStep time per method: median (and min, max) over {args.rounds} rounds of {args.steps} steps; same "
-          f"batches and initial state; {args.threads} thread(s), world size 1 (gloo).")
-    print("/equal = median / median of balancer `equal` through the balanced path (_balanced_step): the "
-          "denominator of the targets; /equal(min) = the same with the fastest rounds; /static = median / "
-          "median of the static path (_static_step, equal weights).")
-    print(f"{'method':12s} {'mode':15s} {'ms/step':>8s} {'min':>7s} {'max':>7s} {'/equal':>7s} {'/equal(min)':>11s} "
-          f"{'/static':>7s} {'target':>7s}  ok")
-    for method, mode in configs:
-        c = (method, mode)
-        ratio = median[c] / median[equal]
-        target = speed_target(method, mode)
-        verdict = "" if target is None else ("yes" if ratio <= target else "NO")
-        target_text = f"<={target:.2f}" if target else ("report" if mode == "parameters" else "-")
-        print(f"{method:12s} {mode if method in GRADIENT_METHODS else '-':15s} {median[c] * 1000:8.1f} "
-              f"{fastest[c] * 1000:7.1f} {max(times[c]) * 1000:7.1f} {ratio:7.3f} {fastest[c] / fastest[equal]:11.3f} "
-              f"{median[c] / median[static]:7.3f} {target_text:>7s}  {verdict}")
-
-
-# --- quality ----------------------------------------------------------------------------
 def quality_overrides(shards: Path, run_dir: Path, *, method: str, mode: str, seed: int, steps: int,
                       eval_images: int | None) -> list[str]:
-    overrides = base_overrides(shards, run_dir)
-    overrides += [f"eval.sources.{i}.path={shards / 'val' / s}" for i, s in enumerate(SOURCES)]
-    return overrides + [f"balancer.name={method}", f"balancer.mode={mode}", f"run.seed={seed}",
-                        f"data.seed={seed}", f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
-                        f"eval.max_images={'null' if eval_images is None else eval_images}",
-                        "eval.num_workers=0", "checkpoint.every=0"]
+    # A mode is an error for a method without gradient statistics (it would be ignored).
+    mode_override = [f"balancer.mode={mode}"] if balancer_class(method).needs_gram else []
+    return demo_overrides(shards, run_dir, evaluate=True) + [
+        f"balancer.name={method}", *mode_override, f"run.seed={seed}", f"data.seed={seed}",
+        f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
+        f"eval.max_images={'null' if eval_images is None else eval_images}", "eval.num_workers=0",
+        "checkpoint.every=0"]
 
 
 def validation_batches(shards: Path, cfg: JobConfig, trainer: Trainer, *, count: int, batch_size: int
@@ -207,7 +75,7 @@ def validation_batches(shards: Path, cfg: JobConfig, trainer: Trainer, *, count:
     """The first ``count`` batches of a fixed-seed stream over the validation split (no
     flip, plain resize), and a digest of their sample keys (the same for every run)."""
     data_cfg = DataConfig(
-        sources=[SourceConfig(path=str(shards / "val" / s)) for s in SOURCES], seed=123, num_workers=0,
+        sources=[SourceConfig(path=p) for p in demo_source_paths(shards, split="val")], seed=123, num_workers=0,
         batch_size=batch_size, transforms=TransformConfig(image_size=cfg.data.transforms.image_size, hflip_prob=0.0),
     )
     loader, label_space, _ = build_train_loader(data_cfg, rank=0, world_size=1)
@@ -243,16 +111,16 @@ def validation_losses(trainer: Trainer, batches: list[Batch]) -> dict[str, float
 def train_one(shards: Path, tmp: Path, dist_info: DistInfo, *, method: str, mode: str, seed: int, steps: int,
               eval_images: int | None, val_count: int, val_batch_size: int) -> dict[str, Any]:
     run_dir = tmp / f"{method}_{seed}"
-    cfg = load_config(CONFIG, quality_overrides(shards, run_dir, method=method, mode=mode, seed=seed,
+    cfg = load_config(DEMO_CONFIG, quality_overrides(shards, run_dir, method=method, mode=mode, seed=seed,
                                                 steps=steps, eval_images=eval_images))
     started = time.perf_counter()
     trainer = Trainer(cfg, dist_info)
     trainer.train()
     train_s = time.perf_counter() - started
-    summary = trainer.finish()  # end-of-run evaluation happened in train(); closes the logger
+    summary = trainer.finish()  # its "eval": the end-of-run evaluation of train(); closes the logger
     batches, digest = validation_batches(shards, cfg, trainer, count=val_count, batch_size=val_batch_size)
     val_loss = validation_losses(trainer, batches)
-    metrics = {k: v for k, v in trainer._last_eval.items() if k != "step"}
+    metrics = {k: v for k, v in summary["eval"].items() if k != "step"}
     return {
         "method": method, "mode": mode, "seed": seed, "steps": trainer.step, "eval_max_images": eval_images,
         "val_loss": val_loss, "val_batches": {"count": val_count, "batch_size": val_batch_size, "keys_sha256": digest},
@@ -295,7 +163,8 @@ def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str
     if "equal" not in results:
         print("no `equal` results yet: nothing to compare against")
         return
-    methods = [m for m in ALL_METHODS if m in results] + sorted(set(results) - set(ALL_METHODS))
+    known = list(dict.fromkeys(["equal", *balancer_names()]))  # the reference first
+    methods = [m for m in known if m in results] + sorted(set(results) - set(known))
     seeds_eq = sorted(results["equal"])
     digests = {r["val_batches"]["keys_sha256"] for per in results.values() for r in per.values()}
     print(f"\nQuality after {steps} steps (balancer.mode={mode}), mean ± std over seeds; Δm vs equal "
@@ -351,9 +220,9 @@ def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str
 def run_quality(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(args.methods) - set(ALL_METHODS))
+    unknown = sorted(set(args.methods) - set(balancer_names()))
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; expected some of {ALL_METHODS}")
+        raise SystemExit(f"unknown method(s) {unknown}; expected some of {balancer_names()}")
     todo = []
     for m in args.methods:
         for s in args.seeds:
@@ -372,8 +241,8 @@ def run_quality(args: argparse.Namespace) -> None:
     if todo:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            shards = make_demo_data(root)
-            dist_info = start_process_group()
+            shards = make_demo_shards(root)
+            dist_info = single_process_group()
             try:
                 for method, seed in todo:
                     print(f"{method} seed {seed}: training {args.steps} steps ...", file=sys.stderr, flush=True)
@@ -402,33 +271,22 @@ def _result_path(out: Path, method: str, seed: int, args: argparse.Namespace) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # One thread: on a shared, loaded machine two OpenMP threads on two cores stall each other
-    # (a descheduled thread holds up every parallel region), which swamps the differences
-    # measured here; pass --threads N on a quiet machine.
+    # (a descheduled thread holds up every parallel region); pass --threads N on a quiet machine.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    sub = parser.add_subparsers(dest="command", required=True)
-    speed = sub.add_parser("speed", help="step time of each method vs equal weighting")
-    speed.add_argument("--steps", type=int, default=4, help="steps per round")
-    speed.add_argument("--rounds", type=int, default=6)
-    speed.add_argument("--methods", nargs="+", default=ALL_METHODS, metavar="METHOD")
-    quality = sub.add_parser("quality", help="per-task validation loss / metrics and Δm vs equal")
-    quality.add_argument("--steps", type=int, default=300, help="training steps (the demo's own length: 300)")
-    quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    quality.add_argument("--methods", nargs="+", default=QUALITY_METHODS, metavar="METHOD")
-    quality.add_argument("--mode", choices=["representation", "parameters"], default="representation")
-    quality.add_argument("--out", default="runs/bench_balancing")
-    quality.add_argument("--eval-images", type=int, default=None,
-                         help="eval.max_images per source (default: all)")
-    quality.add_argument("--val-batches", type=int, default=10, help="validation batches for the losses")
-    quality.add_argument("--val-batch-size", type=int, default=8)
-    quality.add_argument("--metric-floor", type=float, default=0.02,
-                         help="leave a metric out of Δm when equal weighting scores <= this (relative noise)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (the demo's own length: 300)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=QUALITY_METHODS, metavar="METHOD")
+    parser.add_argument("--mode", choices=["representation", "parameters"], default="representation")
+    parser.add_argument("--out", default="runs/bench_balancing")
+    parser.add_argument("--eval-images", type=int, default=None, help="eval.max_images per source (default: all)")
+    parser.add_argument("--val-batches", type=int, default=10, help="validation batches for the losses")
+    parser.add_argument("--val-batch-size", type=int, default=8)
+    parser.add_argument("--metric-floor", type=float, default=0.02,
+                        help="leave a metric out of Δm when equal weighting scores <= this (relative noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "speed":
-        run_speed(args)
-    else:
-        run_quality(args)
+    run_quality(args)
 
 
 if __name__ == "__main__":

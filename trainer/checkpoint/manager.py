@@ -1,7 +1,11 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""The checkpoint manager: when to save, atomic step directories, ``latest``, pruning.
+
+What goes into a checkpoint is the caller's (the backend writes its model, optimizer and
+schedule; the loop's own parts go beside them, :mod:`trainer.checkpoint.parts`); how DCP
+files are read and written is :mod:`trainer.checkpoint.dcp_io`.
 
 Layout: ``<run.dir>/checkpoints/step_<N>/`` (``.metadata``, one ``.distcp`` of raw tensor
-bytes per rank (``trainer/checkpoint_storage.py``), ``meta.json``) and
+bytes per rank (``raw_storage``), ``meta.json``) and
 ``checkpoints/latest``, a symlink to the newest complete one.
 
 Atomicity: every rank writes into ``step_<N>.partial``; only after all ranks finished
@@ -15,33 +19,27 @@ warning, or refuses; it never reports "no checkpoint" while checkpoints are ther
 """
 from __future__ import annotations
 
-
 import contextlib
 import errno
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint._nested_dict import set_element
 
-from trainer.checkpoint_storage import RawTensorReader, RawTensorWriter
+from trainer.checkpoint.errors import CheckpointLoadError, CheckpointSaveError
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +59,10 @@ class CheckpointConfig:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
 
 
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
 META_NAME = "meta.json"
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (e.g. the disk is full); the message is one line."""
 
 
 class Checkpointer:
@@ -241,10 +237,6 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded into this job (other model, corrupt, unsafe)."""
-
-
 def _why_incomplete(path: Path) -> str | None:
     """None if ``path`` holds a complete checkpoint: a readable ``meta.json`` (written last,
     by rank 0) and the backend's own index (DCP's ``.metadata``; DeepSpeed's directory and
@@ -297,90 +289,6 @@ def _tree_bytes(path: Path) -> int:
 
 def _fmt_bytes(n: int, note: str) -> str:
     return f"{n} bytes ({n / 2**20:.1f} MiB, {note})"
-
-
-class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP unpickles non-tensor values (step counters, scheduler state) with
-    ``weights_only=False``; a checkpoint from elsewhere must not run code, so we use
-    ``weights_only=True`` for those too (tensors already load that way)."""
-
-    def load_bytes(self, read_item: ReadItem, value) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def write_dcp(state: dict[str, Any], directory: Path) -> None:
-    """This rank's part of ``state`` into ``directory`` (collective)."""
-    dcp.save(state, storage_writer=RawTensorWriter(str(directory)))
-
-
-def write_dcp_async(state: dict[str, Any], directory: Path, *, process_group: dist.ProcessGroup) -> Future:
-    """Like :func:`write_dcp`, but the state is copied to host memory and written by a
-    background thread; its collectives use ``process_group`` (a gloo group of its own, so
-    they never interleave with the training's)."""
-    return dcp.async_save(state, storage_writer=RawTensorWriter(str(directory)), process_group=process_group)
-
-
-def read_dcp(state: dict[str, Any], directory: str | Path) -> None:
-    """Load ``directory`` into ``state`` in place (collective); tensors and other values
-    both with ``weights_only=True``. Errors name the checkpoint and the first failure."""
-    _check_compatible(state, directory)
-    try:
-        dcp.load(state, storage_reader=RawTensorReader(str(directory)), planner=WeightsOnlyLoadPlanner())
-    except CheckpointException as e:  # a BaseException carrying every rank's traceback
-        rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointLoadError(f"{directory}: cannot load (rank {rank}): {type(exc).__name__}: {first_line}") from None
-
-
-def _check_compatible(state: dict[str, Any], directory: str | Path) -> None:
-    """A checkpoint of another model or config: one error listing what does not match,
-    before DCP fails somewhere inside its planner."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        stored = RawTensorReader(str(directory)).read_metadata().state_dict_metadata
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        raise CheckpointLoadError(f"{directory}: cannot read the checkpoint's metadata: {e}") from None
-    # Tensors only: DCP's naming of tensor leaves is the dotted dict path, for sure.
-    wanted = {k: v for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}
-    missing = sorted(k for k in wanted if k not in stored)
-    shape = sorted(
-        f"{k}: checkpoint {list(stored[k].size)} vs job {list(v.shape)}"
-        for k, v in wanted.items()
-        if k in stored and isinstance(stored[k], TensorStorageMetadata)
-        and tuple(stored[k].size) != tuple(v.shape)
-    )
-    if missing or shape:
-        raise mismatch_error(directory, missing=missing, shape=shape)
-
-
-def mismatch_error(directory: str | Path, *, missing: list[str], shape: list[str],
-                   unexpected: list[str] | None = None) -> CheckpointLoadError:
-    """One error listing every key of the job missing in a checkpoint, every shape that
-    differs (``"key: checkpoint [..] vs job [..]"``) and, where the checkpoint should hold
-    nothing else, its keys the job does not have."""
-    lines = [f"{directory}: checkpoint does not match this job (another model or config?)"]
-    for label, items, sep in (("missing in checkpoint", missing, ", "), ("not in this job", unexpected or [], ", "),
-                              ("shape mismatch", shape, "; ")):
-        if items:
-            lines.append(f"  {label} ({len(items)}): {sep.join(items[:10])}{' ...' if len(items) > 10 else ''}")
-    return CheckpointLoadError("\n".join(lines))
-
-
-def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """DCP's key naming: nested dict keys joined with '.'; lists and scalars are leaves."""
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:

@@ -29,12 +29,12 @@ from data_pipelines.bad_data import (  # noqa: F401 - the policies and errors st
     TooManyBadSamples,
     check_policy,
 )
-from data_pipelines.batch_transport import PackedBatch, pack
-from data_pipelines.epoch_plan import SourcePlan
-from data_pipelines.prepare import SamplePreparer
-from data_pipelines.shard_reader import ReadFailure
-from data_pipelines.source_reader import SourceReader
-from data_pipelines.stream_state import (
+from data_pipelines.streaming.batch_transport import PackedBatch, pack
+from data_pipelines.streaming.epoch_plan import SourcePlan
+from data_pipelines.streaming.prepare import SamplePreparer
+from data_pipelines.streaming.shard_reader import ReadFailure
+from data_pipelines.streaming.source_reader import SourceReader
+from data_pipelines.streaming.stream_state import (
     check_compatible,
     initial_state,
     next_batch,
@@ -42,7 +42,7 @@ from data_pipelines.stream_state import (
     stream_layout,
     unpack_segments,
 )
-from data_pipelines.task_sampler import TaskSampler
+from data_pipelines.streaming.task_sampler import TaskSampler
 
 log = logging.getLogger(__name__)
 

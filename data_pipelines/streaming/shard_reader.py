@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from data_pipelines.epoch_plan import ShardSpan
-from data_pipelines.tar_samples import ShardReadError, TarSamples
+from data_pipelines.streaming.epoch_plan import ShardSpan
+from data_pipelines.streaming.tar_samples import ShardReadError, TarSamples
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ stood exactly at the start of ``E``, nothing is pending and ``E`` starts afresh.
 """
 from __future__ import annotations
 
-from data_pipelines.source_reader import Segment
-from data_pipelines.stream_state import STATE_VERSION, next_batch, pack_segments, unpack_segments
+from data_pipelines.streaming.source_reader import Segment
+from data_pipelines.streaming.stream_state import STATE_VERSION, next_batch, pack_segments, unpack_segments
 
 
 def reshard_states(states: list[dict], *, world_size: int, readers_per_rank: int) -> list[dict]:

@@ -1,0 +1,171 @@
+"""Loss balancing: step time of every balancer on the demo job.
+
+One process (world size 1, gloo), the demo model and data of ``configs/demo_cpu.yaml``, the
+same pre-fetched batches and the same initial model, optimizer and LR-schedule state for
+every method. Each method runs ``Trainer.train_step`` with ``trainer.balancing`` swapped for
+that method (a fresh balancer, and the initial state restored, at the start of every round);
+rounds go round-robin over the methods (the order rotated each round) so that machine noise
+hits all alike; the median (and the fastest) of the rounds' ms/step is reported.
+
+Ratios are medians ÷ the median of the reference ``equal_balanced``: equal weighting taken
+through the balanced path (statistics all-reduced, coefficients computed every step), i.e.
+what every dynamic method pays besides its own statistics; the fixed balancers (``static``,
+``equal``) take the fixed path, shown beside it. Targets (issue "Speed and quality"):
+gradient methods in ``representation`` mode ≤ 1.15×, loss-based methods (FAMO, uncertainty,
+DWA) ≤ 1.03×; ``parameters`` mode is reported only. One torch thread by default
+(``--threads``): see the note at the option.
+
+    .venv/bin/python -m bench.balancing_speed [--steps 4] [--rounds 6] [--methods famo pcgrad ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bars in the table's way
+
+import torch  # noqa: E402
+
+from bench.demo_job import DEMO_CONFIG, demo_overrides, single_process_group  # noqa: E402
+from data_pipelines.demo.shards import make_demo_shards  # noqa: E402
+from data_pipelines.schema import Batch  # noqa: E402
+from trainer.balancers import balancer_class, balancer_names, register_balancer  # noqa: E402
+from trainer.balancers.static import Equal  # noqa: E402
+from trainer.balancing import BalancerConfig, LossBalancing  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.distributed import shutdown_distributed  # noqa: E402
+from trainer.train_loop import Trainer  # noqa: E402
+
+REFERENCE = "equal_balanced"
+
+
+@register_balancer(REFERENCE)
+class EqualBalanced(Equal):
+    """``equal``'s coefficients through the balanced path: the denominator of the targets."""
+
+    fixed = False
+
+
+def methods_to_time() -> list[str]:
+    """Every registered method except the reference: fixed, then loss-based, then gradient ones."""
+    names = [n for n in balancer_names() if n != REFERENCE]
+    return sorted(names, key=lambda n: (not balancer_class(n).fixed, balancer_class(n).needs_gram))
+
+
+def method_configs(methods: list[str]) -> list[tuple[str, str]]:
+    """(method, mode) pairs to time: every method in representation mode (the mode is
+    irrelevant for the others), gradient methods also in parameters mode; ``static`` and
+    the reference always (the denominators)."""
+    known = methods_to_time()
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; expected some of {known}")
+    wanted = {"static", REFERENCE, *methods}
+    ordered = [m for m in dict.fromkeys(["static", REFERENCE, *known]) if m in wanted]
+    pairs = [(m, "representation") for m in ordered]
+    pairs += [(m, "parameters") for m in ordered if balancer_class(m).needs_gram]
+    return pairs
+
+
+def speed_target(method: str, mode: str) -> float | None:
+    cls = balancer_class(method)
+    if method == REFERENCE or cls.fixed:
+        return None
+    if not cls.needs_gram:
+        return 1.03
+    return 1.15 if mode == "representation" else None
+
+
+def run_speed(args: argparse.Namespace) -> None:
+    configs = method_configs(args.methods)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cfg = load_config(DEMO_CONFIG, demo_overrides(make_demo_shards(root), root / "run")
+                          + ["trainer.max_steps=100000"])
+        dist_info = single_process_group()
+        try:
+            trainer = Trainer(cfg, dist_info)
+            it = iter(trainer.loader)
+            batches = [next(it) for _ in range(args.steps)]
+            backend = trainer.backend
+            initial_model = copy.deepcopy(backend.module.state_dict())
+            initial_optim = copy.deepcopy(backend.optimizer.state_dict())
+            initial_sched = copy.deepcopy(backend.scheduler.state_dict())
+
+            def timed_round(method: str, mode: str, steps: list[Batch]) -> float:
+                """Initial state and a fresh balancer, then ``len(steps)`` train steps: s/step."""
+                backend.module.load_state_dict(initial_model)
+                backend.optimizer.load_state_dict(copy.deepcopy(initial_optim))
+                backend.scheduler.load_state_dict(copy.deepcopy(initial_sched))
+                backend.optimizer.zero_grad(set_to_none=True)
+                weights = cfg.trainer.loss_weights if method == "static" else {}
+                trainer.balancing = LossBalancing(BalancerConfig(name=method, mode=mode), trainer.tasks,
+                                                  static_weights=weights, world_size=1)
+                t0 = time.perf_counter()
+                for b in steps:
+                    trainer.train_step([b])
+                return (time.perf_counter() - t0) / len(steps)
+
+            for method, mode in configs:  # warm-up: first-call costs, allocator, solver set-up
+                timed_round(method, mode, batches[:2])
+            times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+            for r in range(args.rounds):
+                shift = r % len(configs)
+                for method, mode in configs[shift:] + configs[:shift]:
+                    times[(method, mode)].append(timed_round(method, mode, batches))
+                    print(f"round {r + 1}/{args.rounds} {method:14s} {mode:15s} "
+                          f"{times[(method, mode)][-1] * 1000:8.1f} ms/step", file=sys.stderr, flush=True)
+            trainer.close()
+        finally:
+            shutdown_distributed()
+    print_speed(times, configs, args)
+
+
+def print_speed(times: dict[tuple[str, str], list[float]], configs: list[tuple[str, str]],
+                args: argparse.Namespace) -> None:
+    median = {c: statistics.median(t) for c, t in times.items()}
+    fastest = {c: min(t) for c, t in times.items()}
+    ref, static = (REFERENCE, "representation"), ("static", "representation")
+    print(f"\nStep time per method: median (and min, max) over {args.rounds} rounds of {args.steps} steps; same "
+          f"batches and initial state; {args.threads} thread(s), world size 1 (gloo).")
+    print(f"/ref = median / median of {REFERENCE} (equal weighting through the balanced path): the denominator "
+          "of the targets; /ref(min) = the same with the fastest rounds; /static = median / median of the fixed "
+          "path (static, the demo's weights).")
+    print(f"{'method':14s} {'mode':15s} {'ms/step':>8s} {'min':>7s} {'max':>7s} {'/ref':>7s} {'/ref(min)':>9s} "
+          f"{'/static':>7s} {'target':>7s}  ok")
+    for method, mode in configs:
+        c = (method, mode)
+        ratio = median[c] / median[ref]
+        target = speed_target(method, mode)
+        verdict = "" if target is None else ("yes" if ratio <= target else "NO")
+        target_text = f"<={target:.2f}" if target else ("report" if mode == "parameters" else "-")
+        needs_gram = balancer_class(method).needs_gram
+        print(f"{method:14s} {mode if needs_gram else '-':15s} {median[c] * 1000:8.1f} "
+              f"{fastest[c] * 1000:7.1f} {max(times[c]) * 1000:7.1f} {ratio:7.3f} {fastest[c] / fastest[ref]:9.3f} "
+              f"{median[c] / median[static]:7.3f} {target_text:>7s}  {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # One thread: on a shared, loaded machine two OpenMP threads on two cores stall each other
+    # (a descheduled thread holds up every parallel region), which swamps the differences
+    # measured here; pass --threads N on a quiet machine.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--steps", type=int, default=4, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--methods", nargs="+", default=methods_to_time(), metavar="METHOD")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_speed(args)
+
+
+if __name__ == "__main__":
+    main()

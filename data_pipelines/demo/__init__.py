@@ -1,0 +1,1 @@
+"""The embedded demo: synthetic COCO-format sources (``synthetic``) and their shards (``shards``)."""
