@@ -11,10 +11,14 @@ Shard format (ordinary tar files, one sample = members sharing a key)::
                              "class_id": int | absent (image-level class, classification)}
     <key>.seg.png           semantic mask, one channel, values = semantic class ids,
                             255 = unlabelled (semantic sources only)
+
+Beside the shards, COCO sources hold ``annotations.json``, a copy of the original COCO json
+(``annotation_file``), so a source directory is self-contained.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +69,8 @@ class Manifest:
     semantic_classes: list[str] = field(default_factory=list)
     # Image-level class names; index == "class_id" in <key>.json.
     classes: list[str] = field(default_factory=list)
-    # The COCO json the source came from (evaluation scores against the original ids).
+    # The source's COCO ground truth (evaluation scores against the original ids): a copy of
+    # the converted json inside the source directory, relative to it (see ``annotation_path``).
     annotation_file: str | None = None
     format: str = FORMAT_VERSION
     root: str = ""  # directory the manifest was loaded from; not serialised
@@ -78,6 +83,11 @@ class Manifest:
         """Shard files: the (validated, relative) paths joined to the manifest's directory."""
         return [os.path.join(self.root, shard.path) for shard in self.shards]
 
+    def annotation_path(self) -> str | None:
+        """The ground-truth json: the (validated, relative) ``annotation_file`` joined to the
+        manifest's directory, so a source directory can be moved or copied whole."""
+        return None if self.annotation_file is None else os.path.join(self.root, self.annotation_file)
+
     def validate(self, where: str) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown:
@@ -85,15 +95,21 @@ class Manifest:
         if not self.shards:
             raise ValueError(f"{where}: no shards listed")
         for i, shard in enumerate(self.shards):
-            problem = unsafe_shard_path(shard.path)
+            problem = unsafe_relative_path(shard.path)
             if problem:
                 raise ValueError(
                     f"{where}: shards[{i}].path {shard.path!r} {problem}; a manifest may only name shard "
                     f"files inside its own directory (give URLs or pipe: commands in the config's "
                     f"data.sources[].shards instead)"
                 )
+        if self.annotation_file is not None:
+            _check_annotation_file(self.annotation_file, where)
         if "keypoints" in self.tasks and (self.keypoints is None or not self.keypoints.names):
             raise ValueError(f"{where}: labels 'keypoints' but has no 'keypoints.names'")
+        if self.keypoints is not None:
+            problem = bad_keypoint_sigmas(self.keypoints.sigmas, len(self.keypoints.names))
+            if problem:
+                raise ValueError(f"{where}: keypoints.sigmas {problem}")
         if "semantic" in self.tasks and not self.semantic_classes:
             raise ValueError(f"{where}: labels 'semantic' but has no 'semantic_classes'")
         if "classification" in self.tasks and not self.classes:
@@ -115,10 +131,10 @@ class Manifest:
         return path
 
 
-def unsafe_shard_path(path: str) -> str | None:
-    """Why ``path`` may not appear in a manifest, or None when it is a plain relative file
-    path that stays inside the manifest's directory (lexically; ``load_manifest`` also
-    refuses symlinks that lead out of it)."""
+def unsafe_relative_path(path: str) -> str | None:
+    """Why ``path`` (a shard or the ground truth) may not appear in a manifest, or None when it
+    is a plain relative file path that stays inside the manifest's directory (lexically;
+    ``load_manifest`` also refuses symlinks that lead out of it)."""
     if not isinstance(path, str) or not path:
         return "is not a non-empty string"
     if ":" in path.split("/", 1)[0]:  # pipe:..., file:..., s3://..., http://...
@@ -127,6 +143,32 @@ def unsafe_shard_path(path: str) -> str | None:
         return "is absolute"
     if ".." in Path(path).parts:
         return "leaves the manifest's directory"
+    return None
+
+
+def _check_annotation_file(path: str, where: str) -> None:
+    problem = unsafe_relative_path(path)
+    if problem == "is absolute":
+        # What converters before self-contained sources wrote: the original json's own path.
+        raise ValueError(
+            f"{where}: annotation_file {path!r} is absolute; this source was converted by an older polytask "
+            f"that did not copy its ground truth into the source directory: re-run `polytask data convert coco`"
+        )
+    if problem:
+        raise ValueError(
+            f"{where}: annotation_file {path!r} {problem}; a manifest may only name a ground-truth file "
+            f"inside its own directory"
+        )
+
+
+def bad_keypoint_sigmas(sigmas: object, num_keypoints: int) -> str | None:
+    """Why ``sigmas`` are not usable OKS sigmas for ``num_keypoints`` keypoints, or None."""
+    if not isinstance(sigmas, list | tuple) or len(sigmas) != num_keypoints:
+        count = len(sigmas) if isinstance(sigmas, list | tuple) else type(sigmas).__name__
+        return f"gives {count} value(s) for {num_keypoints} keypoints; one per keypoint is needed"
+    for i, sigma in enumerate(sigmas):
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not math.isfinite(sigma) or sigma <= 0:
+            return f"[{i}] is {sigma!r}; each sigma must be a finite number > 0"
     return None
 
 
@@ -160,9 +202,20 @@ def load_manifest(directory: str | Path) -> Manifest:
     manifest.validate(str(path))
     root = os.path.realpath(directory)
     for i, url in enumerate(manifest.shard_urls()):
-        if os.path.commonpath([root, os.path.realpath(url)]) != root:
+        if not _inside(root, url):
             raise ValueError(
                 f"{path}: shards[{i}].path {manifest.shards[i].path!r} is a symlink that leads out of "
                 f"the source directory; a manifest may only name shard files inside it"
             )
+    ground_truth = manifest.annotation_path()
+    if ground_truth is not None and not _inside(root, ground_truth):
+        raise ValueError(
+            f"{path}: annotation_file {manifest.annotation_file!r} is a symlink that leads out of the source "
+            f"directory; a manifest may only name a ground-truth file inside it"
+        )
     return manifest
+
+
+def _inside(root: str, path: str) -> bool:
+    """Whether ``path``, symlinks resolved, lies in the (resolved) directory ``root``."""
+    return os.path.commonpath([root, os.path.realpath(path)]) == root

@@ -50,6 +50,11 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
     coco.add_argument("--images", type=Path, required=True, help="directory the json's file_names are relative to")
     coco.add_argument("--annotations", type=Path, required=True, help="the COCO json")
     coco.add_argument("--tasks", nargs="+", choices=COCO_TASKS, required=True)
+    coco.add_argument(
+        "--keypoint-sigmas", type=_float_list, metavar="S1,S2,...",
+        help="OKS sigmas for keypoint AP, one per keypoint in the category's order; default: the category's "
+        "'sigmas', else COCO's official ones for COCO's 17 person keypoints, else 0.05 each (with a warning)",
+    )
     coco.set_defaults(data_run=_run_convert_coco)
     semantic = formats.add_parser("semantic", help="images + one-channel PNG masks (VOC style)")
     semantic.add_argument("--images", type=Path, required=True)
@@ -111,8 +116,19 @@ def _shard_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _float_list(text: str) -> list[float]:
+    """A comma list of floats (their count and range are checked against the keypoints)."""
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def _run_convert_coco(args: argparse.Namespace) -> int:
-    manifest = convert_coco(args.images, args.annotations, args.out, tasks=args.tasks, **_shard_options(args))
+    manifest = convert_coco(
+        args.images, args.annotations, args.out, tasks=args.tasks, keypoint_sigmas=args.keypoint_sigmas,
+        **_shard_options(args),
+    )
     return _report(manifest.num_samples, args.out)
 
 

@@ -3,8 +3,9 @@ evaluation set-up, with the validation functions the ranks themselves call, so a
 reads the same whether the launcher or a rank finds it.
 
 - training sources: their manifests load, the label spaces merge (one keypoint layout),
-  every source feeds all reader slots (world size x ``data.readers_per_rank``): the
-  ranks' own :func:`build_train_loader`, which starts no process;
+  every source has a sample (one smaller than the reader slots, world size x
+  ``data.readers_per_rank``, is dealt out several epochs at a time): the ranks' own
+  :func:`build_train_loader`, which starts no process;
 - evaluation sources: manifests load, map into the training label space, and their
   ground-truth files exist (:func:`eval_source_specs`, also called by every rank at start-up);
 - ``eval.best_metric`` names a metric the run evaluates (:func:`check_best_metric`).
@@ -71,7 +72,7 @@ def eval_source_specs(cfg: EvalConfig, *, model_tasks: list[str], label_space: L
 
 def _no_ground_truth(index: int, path: str, name: str, missing: str | None) -> str:
     return (f"eval.sources[{index}].path: validation source {name!r} ({path}) is scored against "
-            f"{missing}, which does not exist")
+            f"{missing}, which does not exist (re-run `polytask data convert coco` to restore it)")
 
 
 def _one_line(error: BaseException) -> str:

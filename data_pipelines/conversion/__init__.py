@@ -21,7 +21,14 @@ duplicate image ids, no images at all) fail under either policy.
 One module per input format (``coco``, ``semantic``, ``imagefolder``); all end in the one
 shard writer (``shard_writer``).
 """
-from data_pipelines.conversion.coco import COCO_TASKS, DEFAULT_KEYPOINT_SIGMA, convert_coco
+from data_pipelines.conversion.coco import (
+    COCO_PERSON_KEYPOINTS,
+    COCO_PERSON_SIGMAS,
+    COCO_TASKS,
+    DEFAULT_KEYPOINT_SIGMA,
+    GROUND_TRUTH_NAME,
+    convert_coco,
+)
 from data_pipelines.conversion.imagefolder import convert_image_folder
 from data_pipelines.conversion.semantic import convert_semantic
 from data_pipelines.conversion.shard_writer import (
@@ -34,7 +41,8 @@ from data_pipelines.conversion.shard_writer import (
 )
 
 __all__ = [
-    "COCO_TASKS", "DEFAULT_BAD_SAMPLE_POLICY", "DEFAULT_KEYPOINT_SIGMA", "DEFAULT_MAX_BAD_FRACTION",
+    "COCO_PERSON_KEYPOINTS", "COCO_PERSON_SIGMAS", "COCO_TASKS", "GROUND_TRUTH_NAME",
+    "DEFAULT_BAD_SAMPLE_POLICY", "DEFAULT_KEYPOINT_SIGMA", "DEFAULT_MAX_BAD_FRACTION",
     "DEFAULT_SHARD_MAX_BYTES", "DEFAULT_SHARD_MAX_SAMPLES", "DEFAULT_WORKERS", "SKIPPED_NAME",
     "convert_coco", "convert_image_folder", "convert_semantic",
 ]

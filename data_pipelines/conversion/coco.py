@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +22,25 @@ from data_pipelines.conversion.shard_writer import (
     sample_key,
     write_source,
 )
-from data_pipelines.manifest import KeypointSchema, Manifest
+from data_pipelines.manifest import KeypointSchema, Manifest, bad_keypoint_sigmas
+
+log = logging.getLogger(__name__)
 
 COCO_TASKS = ("detection", "instance_mask", "keypoints")
-# OKS sigma for keypoints whose category does not give one (COCO's range is 0.025-0.107).
+# The converted source's copy of its COCO json, which evaluation scores against.
+GROUND_TRUTH_NAME = "annotations.json"
+# COCO's person keypoints, in the order of its person_keypoints files (which carry no sigmas).
+COCO_PERSON_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+# COCO's official OKS sigmas for them, computed as pycocotools' COCOeval does (its default
+# kpt_oks_sigmas: np.array([...]) / 10.0), so the floats and hence keypoint AP are identical.
+COCO_PERSON_SIGMAS = tuple(
+    s / 10.0 for s in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
+)
+# OKS sigma for keypoints nothing else gives one for (COCO's range is 0.025-0.107); warned.
 DEFAULT_KEYPOINT_SIGMA = 0.05
 
 
@@ -40,15 +56,20 @@ def convert_coco(
     workers: int = DEFAULT_WORKERS,
     bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    keypoint_sigmas: Sequence[float] | None = None,
 ) -> Manifest:
     """Convert a COCO instances or person-keypoints style source.
 
     Every image in the json becomes one sample, with or without annotations; ``<key>.json``
     holds its image dict and annotations exactly as in the file, so evaluation can score
-    against the original ids. Keypoint categories (those with a ``"keypoints"`` list) give
-    ``Manifest.keypoints``; flip pairs and OKS sigmas come from the category's extra keys
-    ``"flip_map"`` and ``"sigmas"`` when present, otherwise flip pairs are matched by
-    ``left_``/``right_`` name prefixes and sigmas default to ``DEFAULT_KEYPOINT_SIGMA``.
+    against the original ids. The json itself is copied into ``out_dir`` as
+    ``annotations.json`` (the manifest's ``annotation_file``, relative to it), so the
+    source directory is self-contained. Keypoint categories (those with a ``"keypoints"``
+    list) give ``Manifest.keypoints``; flip pairs come from the category's extra key
+    ``"flip_map"``, otherwise they are matched by ``left_``/``right_`` name prefixes. OKS
+    sigmas, first found: ``keypoint_sigmas``, the category's extra key ``"sigmas"``, COCO's
+    official ones when the names are COCO's 17 person keypoints in COCO's order, else
+    ``DEFAULT_KEYPOINT_SIGMA`` with a warning.
 
     Args:
         images_dir: directory that the images' ``file_name`` entries are relative to.
@@ -61,6 +82,7 @@ def convert_coco(
         workers: threads for decoding and writing.
         bad_sample_policy, max_bad_fraction: what to do with bad images and
             annotations, see the module docstring.
+        keypoint_sigmas: OKS sigmas, one per keypoint (finite, > 0), over the category's.
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
@@ -70,7 +92,11 @@ def convert_coco(
     require_dir(images_dir)
     if not set(tasks) <= set(COCO_TASKS):
         raise ValueError(f"{annotation_file}: a COCO source labels a subset of {list(COCO_TASKS)}, got {list(tasks)}")
+    if keypoint_sigmas is not None and "keypoints" not in tasks:
+        raise ValueError(f"{annotation_file}: --keypoint-sigmas given, but the tasks {list(tasks)} exclude 'keypoints'")
     coco, incomplete = _load_coco(annotation_file, bad)
+    # Before the images are read: a bad --keypoint-sigmas fails at once.
+    keypoints = _keypoint_schema(coco["categories"], annotation_file, name=name, keypoint_sigmas=keypoint_sigmas)
     dropped = {i["id"] for i in incomplete if isinstance(i, dict) and is_id(i.get("id"))}
     anns_by_image, orphans = _group_annotations(
         coco, annotation_file=annotation_file, tasks=tasks, bad=bad, dropped=dropped
@@ -101,8 +127,8 @@ def convert_coco(
         tasks=list(tasks),
         shards=[],
         categories=[{"id": c["id"], "name": c["name"]} for c in coco["categories"]],
-        keypoints=_keypoint_schema(coco["categories"], annotation_file),
-        annotation_file=str(annotation_file.resolve()),
+        keypoints=keypoints,
+        annotation_file=GROUND_TRUTH_NAME,
     )
     return write_source(
         manifest,
@@ -113,6 +139,8 @@ def convert_coco(
         shard_max_bytes=shard_max_bytes,
         workers=workers,
         skipped=bad.summary(records) if bad.problems else None,
+        # The original, byte for byte: evaluation scores as pycocotools on it would.
+        copies={GROUND_TRUTH_NAME: annotation_file},
     )
 
 
@@ -238,10 +266,14 @@ def _image_record(image: dict) -> str:
     return f"image id {image['id']} ({image['file_name']})"
 
 
-def _keypoint_schema(categories: list[dict], annotation_file: Path) -> KeypointSchema | None:
+def _keypoint_schema(
+    categories: list[dict], annotation_file: Path, *, name: str, keypoint_sigmas: Sequence[float] | None
+) -> KeypointSchema | None:
     """The keypoint schema of the keypoint categories; they must all share one."""
     with_keypoints = [c for c in categories if c.get("keypoints")]
     if not with_keypoints:
+        if keypoint_sigmas is not None:
+            raise ValueError(f"{annotation_file}: --keypoint-sigmas given, but no category has keypoints")
         return None
     first = with_keypoints[0]
     for other in with_keypoints[1:]:
@@ -251,11 +283,7 @@ def _keypoint_schema(categories: list[dict], annotation_file: Path) -> KeypointS
                 f"keypoints; one source holds one keypoint schema"
             )
     names = list(first["keypoints"])
-    sigmas = list(first.get("sigmas", [DEFAULT_KEYPOINT_SIGMA] * len(names)))
-    if len(sigmas) != len(names):
-        raise ValueError(
-            f"{annotation_file}: category {first['name']!r} has {len(sigmas)} sigmas for {len(names)} keypoints"
-        )
+    sigmas = _keypoint_sigmas(first, names, annotation_file, name=name, keypoint_sigmas=keypoint_sigmas)
     # COCO person names its sides left_*/right_*: pair them when the category gives no map.
     mirrored = {n: "right_" + n.removeprefix("left_") for n in names if n.startswith("left_")}
     flip_map = first.get("flip_map") or [[left, right] for left, right in mirrored.items() if right in names]
@@ -265,3 +293,27 @@ def _keypoint_schema(categories: list[dict], annotation_file: Path) -> KeypointS
     except ValueError as e:
         raise ValueError(f"{annotation_file}: {e}") from None
     return schema
+
+
+def _keypoint_sigmas(
+    category: dict, names: list[str], annotation_file: Path, *, name: str, keypoint_sigmas: Sequence[float] | None
+) -> list[float]:
+    """The OKS sigmas keypoint AP is scored with, by the precedence of ``convert_coco``."""
+    if keypoint_sigmas is not None:
+        sigmas, what = list(keypoint_sigmas), "--keypoint-sigmas"
+    elif "sigmas" in category:
+        sigmas, what = category["sigmas"], f"category {category['name']!r}: 'sigmas'"
+    elif tuple(names) == COCO_PERSON_KEYPOINTS:
+        return list(COCO_PERSON_SIGMAS)
+    else:
+        # Keypoint AP then depends on a made-up tolerance: say so, once per source.
+        log.warning(
+            "source %r (%s): category %r gives no OKS sigmas for its %d keypoints and they are not COCO's 17 "
+            "person keypoints; keypoint AP uses sigma %s for every keypoint (give --keypoint-sigmas or the "
+            "category's 'sigmas')", name, annotation_file, category["name"], len(names), DEFAULT_KEYPOINT_SIGMA,
+        )
+        return [DEFAULT_KEYPOINT_SIGMA] * len(names)
+    problem = bad_keypoint_sigmas(sigmas, len(names))
+    if problem:
+        raise ValueError(f"{annotation_file}: {what} {problem} ({names})")
+    return [float(s) for s in sigmas]

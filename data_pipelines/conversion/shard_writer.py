@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,11 +64,13 @@ def write_source(
     shard_max_bytes: int,
     workers: int,
     skipped: dict | None = None,
+    copies: dict[str, Path] | None = None,
 ) -> Manifest:
     """Plan shards, check the manifest, write shards, then save the manifest.
 
     ``where`` (the source's file or directory) prefixes error messages; ``skipped``
-    (``BadRecords.summary``) is saved as ``skipped.json``, before the manifest.
+    (``BadRecords.summary``) is saved as ``skipped.json``, and each of ``copies`` (name in
+    ``out_dir`` -> file) is copied there atomically, before the manifest.
     """
     keys: set[str] = set()
     for sample in samples:
@@ -99,6 +102,10 @@ def write_source(
         info.num_bytes = size
     if skipped is not None:
         (out_dir / SKIPPED_NAME).write_text(json.dumps(skipped, indent=1) + "\n")
+    for name, source in (copies or {}).items():
+        tmp = _temporary(out_dir / name)
+        shutil.copyfile(source, tmp)  # also right when source is out_dir / name itself
+        os.replace(tmp, out_dir / name)
     manifest.save(out_dir)
     manifest.root = str(out_dir)
     return manifest

@@ -8,6 +8,7 @@ fraction of each source, judged over all ranks).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from data_pipelines.bad_data import check_bad_fraction, check_policy
 from data_pipelines.streaming.batch_transport import unpack
 from data_pipelines.streaming.data_metrics import data_metrics, source_counts
-from data_pipelines.streaming.epoch_plan import SourcePlan
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan, epochs_per_pass
 from data_pipelines.label_space import LabelSpace, build_label_space
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.streaming.prepare import SamplePreparer
@@ -29,6 +30,8 @@ from data_pipelines.streaming.stream import MixedSourceStream
 from data_pipelines.streaming.stream_state import merge_worker_states
 from data_pipelines.streaming.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
 from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -217,6 +220,20 @@ class TrainLoader(StatefulDataLoader):
         return dict(zip(names, bad))
 
 
+def _log_small_source(plan: SourcePlan, *, world_size: int, readers_per_rank: int) -> None:
+    """One line when a source has fewer samples than reader slots: how its epochs are dealt out."""
+    slots = world_size * readers_per_rank
+    passes = epochs_per_pass(plan.num_samples, slots)
+    if passes == 1:
+        return
+    sizes = sorted({len(EpochShare(plan, epoch=0, slot=s, num_slots=slots)) for s in range(slots)})
+    log.info(
+        "source %r has %d samples for %d reader slots (world_size %d x data.readers_per_rank %d): its epochs are "
+        "dealt out %d at a time, %s sample(s) per slot, each sample still once per epoch",
+        plan.name, plan.num_samples, slots, world_size, readers_per_rank, passes, " or ".join(map(str, sizes)),
+    )
+
+
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
     """An endless loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank.
 
@@ -243,13 +260,12 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
         )
         for i, (m, s) in enumerate(zip(manifests, cfg.sources))
     ]
-    slots = world_size * cfg.readers_per_rank
-    small = {p.name: p.num_samples for p in plans if p.num_samples < slots}
-    if small:
-        raise ValueError(
-            f"DataConfig.readers_per_rank: source(s) {small} have fewer samples than the {slots} reader slots "
-            f"(world_size {world_size} x readers_per_rank {cfg.readers_per_rank}); every slot needs one per epoch"
-        )
+    for i, plan in enumerate(plans):
+        if plan.num_samples == 0:
+            where = f"DataConfig.sources[{i}].path"
+            raise ValueError(f"{where}: source {plan.name!r} ({cfg.sources[i].path}) has no samples")
+        if rank == 0:
+            _log_small_source(plan, world_size=world_size, readers_per_rank=cfg.readers_per_rank)
     flip_permutation = label_space.keypoints.flip_permutation() if label_space.keypoints else None
     transform_cfgs = {m.name: s.transforms or cfg.transforms for m, s in zip(manifests, cfg.sources)}
     transforms = {

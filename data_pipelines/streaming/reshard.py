@@ -1,16 +1,19 @@
 """Carry stream positions over to another world size (or readers_per_rank).
 
 Per source, the old slots were each somewhere in their own shares; let ``E`` be the
-furthest epoch any of them reached. What the old slots had left of every epoch up to
-``E`` becomes *pending segments* (old slot ``i``'s share of epoch ``e`` from its position
+furthest pass any of them reached. What the old slots had left of every pass up to
+``E`` becomes *pending segments* (old slot ``i``'s share of a pass from its position
 on, emitted in the order the old slot would have used), dealt round-robin to the new
-slots, which finish them before starting their own shares of epoch ``E + 1`` under the
-new layout. So no sample is skipped or repeated within any epoch across the change; the
-price is that epochs up to ``E`` end unevenly over the new slots. (If every old slot
-stood exactly at the start of ``E``, nothing is pending and ``E`` starts afresh.)
+slots, which finish them before starting their own shares of the epoch after ``E`` under
+the new layout (a pass is one epoch, or several for a source smaller than the slots, see
+``epoch_plan``; the old and new layouts may differ in it). So no sample is skipped or
+repeated within any epoch across the change; the price is that epochs up to ``E`` end
+unevenly over the new slots. (If every old slot stood exactly at the start of ``E``,
+nothing is pending and ``E`` starts afresh.)
 """
 from __future__ import annotations
 
+from data_pipelines.streaming.epoch_plan import epochs_per_pass, share_bounds
 from data_pipelines.streaming.source_reader import Segment
 from data_pipelines.streaming.stream_state import STATE_VERSION, next_batch, pack_segments, unpack_segments
 
@@ -33,22 +36,22 @@ def reshard_states(states: list[dict], *, world_size: int, readers_per_rank: int
     new_sources: list[dict[str, dict]] = [{} for _ in range(new_slots)]
     for name, info in old["sources"].items():
         n = info["num_samples"]
-        if n < new_slots:
-            raise ValueError(f"source {name!r}: {n} samples cannot feed {new_slots} reader slots")
+        step = epochs_per_pass(n, old_slots)  # epochs per pass of the old layout
         own = []
         for i, st in enumerate(slot_states):
-            share = (i + 1) * n // old_slots - i * n // old_slots
+            lo, hi = share_bounds(n, slot=i, num_slots=old_slots)
             epoch, position = st[name]["epoch"], st[name]["position"]
-            if position == share:  # right after a share's last sample: the next epoch's start
-                epoch, position = epoch + 1, 0
+            if position == hi - lo:  # right after a share's last sample: the next pass's start
+                epoch, position = epoch + step, 0
             own.append((epoch, position, unpack_segments(st[name]["pending"])))
         last = max(epoch for epoch, _, _ in own)
         untouched = all(epoch == last and position == 0 and not pending for epoch, position, pending in own)
-        start = last if untouched else last + 1
+        start = last if untouched else last + step
         segments = []
         for i, (epoch, position, pending) in enumerate(own):
             segments += pending
-            segments += [Segment(e, old_slots, i, position if e == epoch else 0) for e in range(epoch, start)]
+            # Old slots all move pass by pass from one first epoch, so ``start - epoch`` is a multiple of ``step``.
+            segments += [Segment(e, old_slots, i, position if e == epoch else 0) for e in range(epoch, start, step)]
         for j in range(new_slots):
             mine = range(j, old_slots, new_slots)  # old counters, summed onto the new slots
             new_sources[j][name] = {

@@ -1,10 +1,11 @@
 """One reader slot's endless stream of one source: its share of epoch 0, then of
-epoch 1, ... (see ``epoch_plan``), each share's blocks emitted in their shuffled order;
-after a world-size change, first what the old layout's slots left of earlier epochs.
+epoch 1, ... (see ``epoch_plan``; a source smaller than the slots: of passes of several
+epochs), each share's blocks emitted in their shuffled order; after a world-size change,
+first what the old layout's slots left of earlier epochs.
 
-The position is (epoch, samples of the epoch's share emitted). Resuming reopens the
-shard holding the first sample of the current block and reads forward from there,
-keeping only the block's samples not yet emitted: nothing before the block is read
+The position is (first epoch of the pass, samples of the pass's share emitted). Resuming
+reopens the shard holding the first sample of the current block and reads forward from
+there, keeping only the block's samples not yet emitted: nothing before the block is read
 again, and the reader never has more than one block of raw samples in memory.
 """
 from __future__ import annotations
@@ -21,17 +22,17 @@ class SourceItem:
     """One emitted position: the raw sample, or why it could not be read."""
 
     payload: dict | ReadFailure
-    epoch: int
+    epoch: int  # the epoch of the source it is read for
     shard: int  # manifest index of the shard holding it
     index: int  # index of the sample inside its shard
 
 
 @dataclass(frozen=True)
 class Segment:
-    """The rest of one slot's share of one epoch under an earlier layout of slots, from
+    """The rest of one slot's share of one pass under an earlier layout of slots, from
     ``position`` on: what a world-size change hands to a new slot to finish."""
 
-    epoch: int
+    epoch: int  # the pass's first epoch
     num_slots: int
     slot: int
     position: int
@@ -39,8 +40,8 @@ class Segment:
 
 class SourceReader:
     """Endless iterator of :class:`SourceItem`: first the ``pending`` segments, then the
-    slot's own share of ``epoch``, ``epoch + 1``, ... ``epoch``/``position``/``pending``
-    always name the next item to emit."""
+    slot's own share of the pass starting at ``epoch``, then of the next pass, ...
+    ``epoch``/``position``/``pending`` always name the next item to emit."""
 
     def __init__(
         self,
@@ -53,19 +54,15 @@ class SourceReader:
         pending: list[Segment] | None = None,
     ) -> None:
         share = EpochShare(plan, epoch=epoch, slot=slot, num_slots=num_slots)
-        if len(share) == 0:
-            raise ValueError(
-                f"source {plan.name!r}: {plan.num_samples} samples cannot give each of the {num_slots} reader slots "
-                f"(world_size x data.readers_per_rank) a sample per epoch; lower data.readers_per_rank"
-            )
+        assert len(share) > 0, (plan.name, slot, num_slots)  # epochs_per_pass gives every slot a sample
         if not 0 <= position <= len(share):
             raise ValueError(f"source {plan.name!r}: position {position} is outside slot {slot}'s share of {len(share)}")
         self.plan = plan
         self.slot = slot
         self.num_slots = num_slots
-        self.share_size = len(share)  # the same every epoch
-        # A state taken right after a share's last item names the next epoch's start.
-        self.epoch, self.position = (epoch + 1, 0) if position == len(share) else (epoch, position)
+        self.share_size = len(share)  # the same every pass
+        # A state taken right after a share's last item names the next pass's start.
+        self.epoch, self.position = (epoch + share.num_epochs, 0) if position == len(share) else (epoch, position)
         self.pending = [seg for seg in pending or [] if seg.position < len(self._share(seg))]
         self._items: Iterator[SourceItem] | None = None
 
@@ -96,7 +93,7 @@ class SourceReader:
             for item, emitted in self._emit_share(share, first=self.position):
                 self.position = emitted
                 yield item
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.position = self.epoch + share.num_epochs, 0
 
     def _emit_share(self, share: EpochShare, *, first: int) -> Iterator[tuple[SourceItem, int]]:
         """The share's items from position ``first`` on, each with the count emitted after it."""
@@ -119,5 +116,5 @@ class SourceReader:
                         held[next_read] = payload
                     next_read += 1
                 shard, index = share.locate(pos)
-                yield SourceItem(held.pop(pos), share.epoch, shard, index), lo + done + i + 1
+                yield SourceItem(held.pop(pos), share.epoch_of(pos), shard, index), lo + done + i + 1
             block += 1

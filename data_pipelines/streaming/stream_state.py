@@ -6,7 +6,8 @@ Layout (ints and strings only, fixed keys for a given config, so
     {"layout": {"version", "seed", "world_size", "rank", "readers_per_rank", "block_size",
                 "sources": {name: {"num_samples", "num_shards"}}},
      "readers": {"<l>": {"next_batch": b,            # the next batch this reader builds
-                         "sources": {name: {"epoch", "position",   # next sample to read
+                         "sources": {name: {"epoch", "position",   # next sample to read: first
+                                                        # epoch of the pass (epoch_plan), position in it
                                             "pending",  # segments left by a world-size change,
                                                         # flat [epoch, num_slots, slot, position] * k
                                             "samples", "bad"}}}}}  # delivered / dropped

@@ -1,4 +1,6 @@
-"""Image-level classification: every FPN level average-pooled, concatenated, LayerNorm, linear."""
+"""Image-level classification: every FPN level average- and max-pooled, concatenated,
+LayerNorm, linear. Max pooling keeps the strongest local evidence (one object's shape
+among background and distractors), which averaging over the whole map dilutes."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -19,13 +21,14 @@ if TYPE_CHECKING:
 class ClassificationHead(TaskHead):
     def __init__(self, *, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        pooled = in_channels * len(FPN_STRIDES)
+        pooled = 2 * in_channels * len(FPN_STRIDES)
         # FPN levels are not normalised and differ in scale (P3 vs P7); normalising the pooled
         # vector keeps early logits, and Adam's first steps, from blowing up.
         self.classifier = nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, num_classes))
 
     def _logits(self, features: Features) -> Tensor:
-        return self.classifier(torch.cat([f.mean(dim=(-2, -1)) for f in features.values()], dim=1))
+        pooled = [p for f in features.values() for p in (f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1)))]
+        return self.classifier(torch.cat(pooled, dim=1))
 
     def loss(
         self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tarfile
 from collections import defaultdict
@@ -15,10 +16,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
 
 from data_pipelines.bad_data import TooManyBadSamples
 from data_pipelines.conversion import (
+    COCO_PERSON_KEYPOINTS,
+    COCO_PERSON_SIGMAS,
     DEFAULT_KEYPOINT_SIGMA,
+    GROUND_TRUTH_NAME,
     SKIPPED_NAME,
     convert_coco,
     convert_image_folder,
@@ -122,7 +127,7 @@ def _read_back(manifest) -> dict[str, dict[str, bytes]]:
     assert [Path(u).stat().st_size for u in urls] == [s.num_bytes for s in manifest.shards]
     assert load_manifest(manifest.root).to_json() == manifest.to_json()
     # Nothing else is left in the directory: no temporary files.
-    expected_files = [MANIFEST_NAME, *(s.path for s in manifest.shards)]
+    expected_files = [MANIFEST_NAME, *(s.path for s in manifest.shards), *filter(None, [manifest.annotation_file])]
     assert sorted(p.name for p in Path(manifest.root).iterdir()) == sorted(expected_files)
     return samples
 
@@ -152,7 +157,9 @@ def test_coco_round_trip_keeps_every_image_and_annotation(source, raw, tiny_coco
     samples = _read_back(manifest)
     assert len(manifest.shards) > 1 or source == "tiny"
     assert manifest.num_samples == len(coco["images"]) == len(samples)
-    assert manifest.annotation_file == str(annotation_file.resolve())
+    # The ground truth is copied into the source, byte for byte, and named relative to it.
+    assert manifest.annotation_file == GROUND_TRUTH_NAME
+    assert (tmp_path / GROUND_TRUTH_NAME).read_bytes() == annotation_file.read_bytes()
     assert manifest.categories == [{"id": c["id"], "name": c["name"]} for c in coco["categories"]]
     by_file = {json.loads(s["json"])["image"]["file_name"]: s for s in samples.values()}
     for image in coco["images"]:
@@ -196,6 +203,83 @@ def test_keypoint_schema_from_category_extras_or_defaults(raw, tiny_coco, tmp_pa
     assert schema.names == names and schema.skeleton == [[1, 2], [1, 3]]
     assert schema.flip_map == [["left_eye", "right_eye"], ["left_ear", "right_ear"]]
     assert schema.sigmas == [DEFAULT_KEYPOINT_SIGMA] * len(names)
+
+
+def _person_json(tiny_coco, path: Path, names: list[str], **category_extras) -> Path:
+    """The tiny COCO json with one keypoint category named ``names`` and one annotation."""
+    coco = json.loads(tiny_coco[1].read_text())
+    coco["categories"] = [{"id": 1, "name": "person", "keypoints": names, **category_extras}]
+    coco["annotations"] = [{"id": 1, "image_id": 42, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+                            "iscrowd": 0, "keypoints": [3, 3, 2] * len(names), "num_keypoints": len(names)}]
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _sigmas(tiny_coco, annotation_file: Path, out: Path, **options) -> list[float]:
+    convert_coco(tiny_coco[0], annotation_file, out, name="person", tasks=["keypoints"], **options)
+    return load_manifest(out).keypoints.sigmas
+
+
+def test_keypoint_sigmas_coco_person_option_category_or_a_warned_default(tiny_coco, tmp_path, caplog):
+    coco_names = list(COCO_PERSON_KEYPOINTS)
+    person = _person_json(tiny_coco, tmp_path / "person.json", coco_names)  # as COCO ships it: no sigmas
+    with caplog.at_level("WARNING"):
+        # COCO's 17 keypoints: pycocotools' own default sigmas, bit for bit.
+        pycocotools_default = COCOeval(iouType="keypoints").params.kpt_oks_sigmas.tolist()
+        assert _sigmas(tiny_coco, person, tmp_path / "coco") == list(COCO_PERSON_SIGMAS) == pycocotools_default
+        assert (COCO_PERSON_SIGMAS[1], max(COCO_PERSON_SIGMAS)) == pytest.approx((0.025, 0.107))  # eyes, hips
+        assert not caplog.records
+        # An explicit option goes first, then the category's own.
+        given = [0.1 + i / 100 for i in range(17)]
+        assert _sigmas(tiny_coco, person, tmp_path / "option", keypoint_sigmas=given) == given
+        own = _person_json(tiny_coco, tmp_path / "own.json", coco_names, sigmas=[0.07] * 17)
+        assert _sigmas(tiny_coco, own, tmp_path / "own") == [0.07] * 17
+        assert not caplog.records
+        # The same names in another order are not COCO's layout: the default, warned once, naming the source.
+        shuffled = _person_json(tiny_coco, tmp_path / "shuffled.json", coco_names[::-1])
+        assert _sigmas(tiny_coco, shuffled, tmp_path / "shuffled") == [DEFAULT_KEYPOINT_SIGMA] * 17
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'person'" in warnings[0] and str(shuffled) in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    "sigmas, problem",
+    [
+        ("0.1,0.2", r"gives 2 value\(s\) for 17 keypoints"),
+        (",".join(["0.05"] * 16 + ["nan"]), r"\[16\] is nan"),
+        (",".join(["0.05"] * 16 + ["0"]), r"\[16\] is 0.0; each sigma must be a finite number > 0"),
+        (",".join(["0.05", "-0.05"] + ["0.05"] * 15), r"\[1\] is -0.05"),
+    ],
+)
+def test_cli_keypoint_sigmas_are_checked(tiny_coco, tmp_path, capsys, sigmas, problem):
+    person = _person_json(tiny_coco, tmp_path / "person.json", list(COCO_PERSON_KEYPOINTS))
+    args = ["convert", "coco", "--images", str(tiny_coco[0]), "--annotations", str(person), "--tasks", "keypoints",
+            "--out", str(tmp_path / "out"), "--name", "person", "--keypoint-sigmas", sigmas]
+    assert _cli(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(person))}: --keypoint-sigmas {problem}", err), err
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_cli_keypoint_sigmas_reach_the_manifest_and_are_refused_when_ignored(tiny_coco, tmp_path, capsys):
+    person = _person_json(tiny_coco, tmp_path / "person.json", ["nose", "left_eye", "right_eye"])
+    args = ["convert", "coco", "--images", str(tiny_coco[0]), "--annotations", str(person),
+            "--out", str(tmp_path / "out"), "--name", "person", "--keypoint-sigmas", "0.026,0.025,0.025"]
+    assert _cli([*args, "--tasks", "keypoints"]) == 0
+    assert load_manifest(tmp_path / "out").keypoints.sigmas == [0.026, 0.025, 0.025]
+    assert _cli([*args, "--tasks", "detection"]) == 1  # no keypoint AP to use them for
+    assert "--keypoint-sigmas given, but the tasks ['detection'] exclude 'keypoints'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli([*args[:-1], "0.1,x", "--tasks", "keypoints"])
+    assert "not a comma-separated list of numbers" in capsys.readouterr().err
+
+
+def test_a_converted_source_is_self_contained(tiny_coco, tmp_path):
+    convert_coco(*tiny_coco, tmp_path / "src", name="tiny", tasks=["detection"])
+    os.replace(tmp_path / "src", tmp_path / "moved")
+    manifest = load_manifest(tmp_path / "moved")
+    assert manifest.annotation_path() == str(tmp_path / "moved" / GROUND_TRUTH_NAME)
+    assert Path(manifest.annotation_path()).read_bytes() == tiny_coco[1].read_bytes()
 
 
 def test_semantic_round_trip_keeps_png_bytes(raw, tmp_path):

@@ -50,3 +50,25 @@ def test_shard_order_and_blocks_are_reshuffled_each_epoch_and_reproducible():
     assert [sorted(b) for b in blocks] == [list(range(lo, min(lo + 4, N))) for lo in range(0, N, 4)]
     assert blocks != [sorted(b) for b in blocks]
     assert share.block_order(0) != EpochShare(plan(), epoch=1, slot=0, num_slots=1).block_order(0)
+
+
+@pytest.mark.parametrize("num_slots", [N + 1, 2 * N, 2 * N + 1, 5 * N - 2])
+def test_a_source_smaller_than_the_slots_is_dealt_out_several_epochs_at_a_time(num_slots):
+    """Issue 14 item 5: fewer samples than slots: a pass of P = ceil(S / N) epochs is split
+    over the slots, so every slot gets a sample and every epoch is still read exactly once."""
+    from data_pipelines.streaming.epoch_plan import epochs_per_pass
+
+    passes = epochs_per_pass(N, num_slots)
+    assert passes == -(-num_slots // N) > 1
+    everything = Counter((shard, i) for shard, size in enumerate(SIZES) for i in range(size))
+    for first in (0, passes):  # two passes
+        shares = [EpochShare(plan(), epoch=first, slot=s, num_slots=num_slots) for s in range(num_slots)]
+        assert min(map(len, shares)) >= 1 and max(map(len, shares)) - min(map(len, shares)) <= 1
+        by_epoch: dict[int, Counter] = {}
+        for share in shares:
+            for p in range(len(share)):
+                by_epoch.setdefault(share.epoch_of(p), Counter())[share.locate(p)] += 1
+            read = [(s.shard, i) for s in share.spans(0) for i in range(s.start, s.stop)]
+            assert read == share_positions(share)  # a share spanning two epochs reads in order too
+        assert sorted(by_epoch) == list(range(first, first + passes))
+        assert all(seen == everything for seen in by_epoch.values())

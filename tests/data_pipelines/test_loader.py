@@ -119,9 +119,41 @@ def test_sources_can_have_their_own_transforms(sources):
             assert torch.equal(flipped.images[i], expect)
 
 
-def test_a_source_smaller_than_the_reader_slots_is_refused(sources):
-    with pytest.raises(ValueError, match=r"readers_per_rank.*'seg': 5.*8 reader slots"):
-        build_train_loader(config(sources, readers_per_rank=4), rank=0, world_size=2)
+def test_a_source_smaller_than_the_reader_slots_is_read_by_all_of_them_with_one_line(sources, caplog):
+    """Issue 14 item 5: 6 and 5 samples for 8 reader slots train instead of failing; rank 0
+    logs one line per such source saying how its epochs are dealt out."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="data_pipelines.streaming.loader")
+    cfg = config(sources, readers_per_rank=4)
+    for rank in range(2):
+        for batch in take(cfg, rank=rank, steps=8):  # every reader builds two batches
+            check_batch(batch)
+    lines = [r.getMessage() for r in caplog.records if "reader slots" in r.getMessage()]
+    assert lines == [
+        "source 'det' has 6 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): its epochs are "
+        "dealt out 2 at a time, 1 or 2 sample(s) per slot, each sample still once per epoch",
+        "source 'seg' has 5 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): its epochs are "
+        "dealt out 2 at a time, 1 or 2 sample(s) per slot, each sample still once per epoch",
+    ], lines
+
+
+def test_a_source_smaller_than_the_world_blocks_no_rank(tmp_path):
+    """3 samples, 4 ranks: every rank still gets batches of the source, in a reproducible order."""
+    samples = [boxed_sample(f"t{i}", height=12, width=12, seed=i, category_id=1, class_id=0) for i in range(3)]
+    write_source(tmp_path / "tiny", samples, name="tiny", tasks=["classification"], classes=["a"])
+    cfg = DataConfig(sources=[SourceConfig(path=str(tmp_path / "tiny"))], batch_size=2, num_workers=0,
+                     readers_per_rank=2, transforms=TransformConfig(image_size=SIZE))
+    for rank in range(4):
+        keys = [b.keys for b in itertools.islice(build_train_loader(cfg, rank=rank, world_size=4)[0], 4)]
+        assert len(keys) == 4 and {k for ks in keys for k in ks} <= {"tiny/t0", "tiny/t1", "tiny/t2"}
+        assert keys == [b.keys for b in itertools.islice(build_train_loader(cfg, rank=rank, world_size=4)[0], 4)]
+
+
+def test_a_source_without_samples_is_named(tmp_path):
+    write_source(tmp_path / "empty", [], name="empty", tasks=["classification"], shard_sizes=[0], classes=["a"])
+    with pytest.raises(ValueError, match=r"DataConfig.sources\[0\].path: source 'empty' .* has no samples"):
+        build_train_loader(DataConfig(sources=[SourceConfig(path=str(tmp_path / "empty"))]), rank=0, world_size=1)
 
 
 def test_labels_use_the_merged_label_space(sources):

@@ -60,3 +60,46 @@ def test_plain_relative_shard_paths_and_subfolders_load(source):
     _set_shard_path(source, "sub/src-000000.tar")
     manifest = load_manifest(source)
     assert manifest.shard_urls()[0] == os.path.join(str(source), "sub/src-000000.tar")
+
+
+def _set_annotation_file(source, path: str) -> None:
+    manifest_path = source / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["annotation_file"] = path
+    manifest_path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "path, problem",
+    [
+        # What older converters wrote: the original json's absolute path.
+        ("/data/coco/annotations/person_keypoints_val2017.json",
+         r"is absolute; this source was converted by an older polytask .* re-run `polytask data convert coco`"),
+        ("../raw/annotations.json", "leaves the manifest's directory; a manifest may only name a ground-truth file"),
+        ("sub/../../annotations.json", "leaves the manifest's directory"),
+        ("pipe:cat /etc/passwd", "is a URL or command"),
+        ("", "is not a non-empty string"),
+    ],
+)
+def test_a_manifest_ground_truth_must_lie_inside_its_directory(source, path, problem):
+    _set_annotation_file(source, path)
+    with pytest.raises(ValueError, match=rf"manifest\.json: annotation_file '.*' {problem}"):
+        load_manifest(source)
+
+
+def test_a_symlinked_ground_truth_leading_out_of_the_source_is_refused(source, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    os.symlink(outside, source / "annotations.json")
+    _set_annotation_file(source, "annotations.json")
+    with pytest.raises(ValueError, match=r"annotation_file 'annotations\.json' is a symlink that leads out"):
+        load_manifest(source)
+
+
+def test_a_relative_ground_truth_resolves_against_the_manifest_directory(source, tmp_path):
+    (source / "gt").mkdir()
+    (source / "gt" / "annotations.json").write_text("{}")
+    _set_annotation_file(source, "gt/annotations.json")
+    moved = tmp_path / "moved"
+    os.replace(source, moved)
+    assert load_manifest(moved).annotation_path() == os.path.join(str(moved), "gt/annotations.json")

@@ -38,7 +38,12 @@ def states_of(readers: list[SourceReader], *, world_size: int, per_rank: int, ba
     ]
 
 
-@pytest.mark.parametrize("old, new", [((2, 2), (3, 1)), ((2, 2), (1, 1)), ((1, 3), (2, 2))])
+@pytest.mark.parametrize("old, new", [
+    ((2, 2), (3, 1)), ((2, 2), (1, 1)), ((1, 3), (2, 2)),
+    # Issue 14 item 5: more slots than the 27 samples, so passes of several epochs (2 for
+    # 32 slots, 3 for 63): to and from such a layout, and between two of them.
+    ((2, 2), (4, 8)), ((4, 8), (7, 9)),
+])
 def test_every_epoch_stays_exactly_once_across_changes_of_world_size(source, old, new):
     _, plan = source
     seen: list[tuple[int, str]] = []

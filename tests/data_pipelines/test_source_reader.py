@@ -66,7 +66,32 @@ def test_resume_anywhere_continues_exactly_and_reopens_only_the_current_block(so
             assert head + tail == expected, (slot, cut)
 
 
-def test_a_source_too_small_for_the_slots_is_refused(source):
+SMALL_SLOTS = 2 * sum(SIZES) + 3  # more than twice the samples: passes of 3 epochs
+
+
+def test_a_source_smaller_than_the_slots_gives_every_slot_a_share_and_each_epoch_once(source):
+    """Issue 14 item 5: more slots than samples: each slot reads its share of a pass of
+    several epochs; over the slots, every epoch is read exactly once, and a slot goes on
+    from pass to pass (epochs 0-2, then 3-5)."""
     plan, _ = source
-    with pytest.raises(ValueError, match="lower data.readers_per_rank"):
-        SourceReader(plan, slot=0, num_slots=sum(SIZES) + 1)
+    epochs: dict[int, Counter] = {}
+    for slot in range(SMALL_SLOTS):
+        reader = SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS)
+        assert reader.share_size >= 1
+        for epoch, key in keys(reader, 2 * reader.share_size):
+            epochs.setdefault(epoch, Counter())[key] += 1
+        assert (reader.epoch, reader.position) == (3, reader.share_size)  # the end of its second pass
+    everything = Counter(f"k{i:03d}" for i in range(sum(SIZES)))
+    assert sorted(epochs) == list(range(6)) and all(seen == everything for seen in epochs.values())
+
+
+@pytest.mark.parametrize("slot", [0, 31, SMALL_SLOTS - 1])
+def test_a_small_source_resumes_anywhere_exactly(source, slot):
+    plan, _ = source
+    total = 3 * SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS).share_size + 1
+    expected = keys(SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS), total)
+    for cut in range(total):
+        first = SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS)
+        head = keys(first, cut)
+        resumed = SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS, epoch=first.epoch, position=first.position)
+        assert head + keys(resumed, total - cut) == expected, cut

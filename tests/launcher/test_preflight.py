@@ -53,10 +53,18 @@ def test_best_metric_without_eval_sources(demo_sources, tmp_path, capsys):
     assert len(errors) == 1 and "eval.best_metric is 'val/shapes_instances/bbox/AP' but eval.sources is empty" in errors[0]
 
 
-def test_sources_smaller_than_the_reader_slots_are_named(demo_sources, tmp_path, capsys):
-    # 24 training images per source, 32 ranks: not even one sample per rank and epoch.
-    errors = _launch_errors(capsys, tmp_path, *_data(demo_sources), "data.readers_per_rank=1", nproc=32)
-    assert len(errors) == 1 and "shapes_instances" in errors[0] and "readers_per_rank" in errors[0], errors
+def test_sources_smaller_than_the_reader_slots_are_accepted_and_empty_ones_named(demo_sources, tmp_path, capsys):
+    # Issue 14 item 5: 24 training images per source, 32 ranks: not even one sample per rank
+    # and epoch, yet the run can start (each such source is dealt out several epochs at a time).
+    code = main(["launch", DEMO, "--nproc-per-node=32", "--dry-run", f"run.dir={tmp_path}/run", *_data(demo_sources),
+                 "data.readers_per_rank=1"])
+    assert code == 0, capsys.readouterr().err
+    # A source without a sample is the one size that cannot train.
+    empty = _copy_source(demo_sources / "train" / "shapes_classes", tmp_path / "empty",
+                         shards=lambda shards: [{**s, "num_samples": 0} for s in shards])
+    errors = _launch_errors(capsys, tmp_path, *_data(demo_sources), f"data.sources.3.path={empty}")
+    assert errors == [f"polytask: error: {DEMO}: DataConfig.sources[3].path: source 'shapes_classes' ({empty}) has "
+                      f"no samples"], errors
 
 
 def test_incompatible_keypoint_layouts_are_named(demo_sources, tmp_path, capsys):
@@ -68,13 +76,13 @@ def test_incompatible_keypoint_layouts_are_named(demo_sources, tmp_path, capsys)
 
 
 def test_missing_ground_truth_is_named_and_the_ranks_say_the_same(demo_sources, tmp_path, capsys):
-    val = _copy_source(demo_sources / "val" / "shapes_instances", tmp_path / "val_instances",
-                       annotation_file=str(tmp_path / "moved" / "annotations.json"))
+    val = _copy_source(demo_sources / "val" / "shapes_instances", tmp_path / "val_instances")
+    (val / "annotations.json").unlink()  # the source's own copy of its ground truth is gone
     overrides = [*demo_source_overrides(demo_sources), f"eval.sources=[{{path: {val}}}]", "wandb.mode=disabled",
                  "trainer.max_steps=1"]
     errors = _launch_errors(capsys, tmp_path, *overrides)
     assert len(errors) == 1, errors
-    assert "eval.sources[0].path" in errors[0] and str(tmp_path / "moved" / "annotations.json") in errors[0]
+    assert "eval.sources[0].path" in errors[0] and str(val / "annotations.json") in errors[0]
     # A rank started without the launcher stops at start-up with the same line.
     message = errors[0].split(": ", 3)[3]  # after "polytask: error: <config>: "
     proc = subprocess.run([sys.executable, "-m", "launcher", "train", DEMO, f"run.dir={tmp_path}/rank_run", *overrides],

@@ -400,3 +400,46 @@ def test_checkpoints_written_before_the_checkpoint_package_still_load(tmp_path, 
         for k, v in saved.items():
             if isinstance(v, torch.Tensor):
                 assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+
+
+def _train_with_best(run_dir, *, keep_last, saves, best_steps):
+    """The loop's order at each saved step: save (which prunes), then, if the evaluation of that
+    step is the best so far, ``mark_best``; then ``finish``. Returns what is left on disk."""
+    import torch
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer, write_dcp
+
+    with _one_rank_group():
+        checkpointer = Checkpointer(run_dir=run_dir, cfg=CheckpointConfig(keep_last=keep_last), is_main=True)
+        for step in saves:
+            checkpointer.save(step, lambda d, step=step: write_dcp({"w": torch.full((4,), float(step))}, d),
+                              {"backend": "ddp"})
+            if step in best_steps:
+                checkpointer.mark_best(step)
+        checkpointer.finish()
+    root = run_dir / "checkpoints"
+    left = sorted((p.name for p in root.iterdir() if p.name.startswith("step_")), key=lambda n: int(n[5:]))
+    return left, (root / "best").resolve().name
+
+
+def test_best_moving_forward_prunes_the_old_best(tmp_path):
+    """Issue 14 item 4: keep_last 1, evaluation every 30 steps: the save of step 60 prunes while
+    `best` still spares step_30; once `best` moves to step_60, step_30 must go too."""
+    left, best = _train_with_best(tmp_path, keep_last=1, saves=[30, 60], best_steps={30, 60})
+    assert (left, best) == (["step_60"], "step_60")
+
+
+def test_best_on_an_old_step_is_kept_beside_the_newest(tmp_path):
+    left, best = _train_with_best(tmp_path, keep_last=1, saves=[30, 60, 90], best_steps={30})
+    assert (left, best) == (["step_30", "step_90"], "step_30")
+
+
+@pytest.mark.parametrize("best_steps, expected", [
+    ({30, 300}, ["step_270", "step_300"]),  # best moves to the final step: the old best goes
+    ({30, 120}, ["step_120", "step_270", "step_300"]),  # best stays old: keep_last + best
+])
+def test_end_of_run_leaves_keep_last_steps_plus_best(tmp_path, best_steps, expected):
+    """The issue's run: best at step 30 until the final evaluation; afterwards exactly
+    keep_last steps plus best are on disk."""
+    left, best = _train_with_best(tmp_path, keep_last=2, saves=list(range(30, 301, 30)), best_steps=best_steps)
+    assert left == expected and best == f"step_{max(best_steps)}"

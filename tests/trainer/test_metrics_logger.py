@@ -35,15 +35,17 @@ def test_wandb_failing_mid_run_warns_once_and_metrics_jsonl_continues(tmp_path, 
     logger = MetricsLogger(run_dir=tmp_path, cfg=WandbConfig(mode="offline"), config={}, enabled=True)
     assert logger.wandb_started(timeout=120) and logger._wandb_run is not None
     logger.log(1, {"loss/total": 1.0})
+    logger.log(2, {"loss/total": 0.5})  # W&B commits a row with an explicit step when the next one comes
     logger._wandb_run.finish()  # the W&B run dies under us (its service gone): log() now raises
-    for step in range(2, 6):
+    for step in range(3, 6):
         logger.log(step, {"loss/total": 1.0 / step})
     logger.close()
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
     assert len(_warnings(caplog)) == 1
-    # what W&B got before it failed is still in its offline file
-    history = read_history(find_run_file(tmp_path))
-    assert [row["_step"] for row in history] == [1]
+    # what W&B got before it failed is still in its offline file (the last row it got may
+    # be lost with the run: seen once in 20 runs on a loaded machine)
+    history = [row["_step"] for row in read_history(find_run_file(tmp_path))]
+    assert history in ([1], [1, 2]), history
 
 
 def test_wandb_online_without_a_network_never_holds_up_training(tmp_path, monkeypatch, caplog):

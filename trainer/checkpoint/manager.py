@@ -72,8 +72,12 @@ class Checkpointer:
         self.is_main = is_main
         self._pending: tuple[int, Path, dict[str, Any], Future, float] | None = None
         self._saved_step: int | None = None
-        # Deleting old checkpoints (GBs on a shared filesystem) happens beside training.
+        # Deleting old checkpoints (GBs on a shared filesystem) happens beside training, in
+        # one thread at a time; a request while it runs makes it prune once more afterwards.
         self._pruner: threading.Thread | None = None
+        self._prune_lock = threading.Lock()
+        self._prune_requested = False
+        self._pruning = False
 
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.cfg.every > 0 and step % self.cfg.every == 0)
@@ -126,9 +130,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(partial, final)
             _point_link(self.root, "latest", final.name)
-            self._join_pruner()
-            self._pruner = threading.Thread(target=self._prune, name="checkpoint-prune", daemon=True)
-            self._pruner.start()
+            self._request_prune()
             log.info("checkpoint saved: %s", final)
         dist.barrier()
 
@@ -216,14 +218,39 @@ class Checkpointer:
         return json.loads(meta_file.read_text())
 
     def mark_best(self, step: int) -> None:
-        """Point ``checkpoints/best`` at ``step_<step>``, which pruning then keeps."""
+        """Point ``checkpoints/best`` at ``step_<step>``, which pruning then keeps, and prune
+        again: the save of ``step`` pruned while ``best`` still spared the previous best."""
         if self.is_main:
             _point_link(self.root, "best", f"step_{step}")
+            self._request_prune()
 
     def finish(self) -> None:
-        """Every save complete and old checkpoints deleted (collective): before the job ends."""
+        """Every save complete and old checkpoints deleted (collective): before the job ends,
+        only the ``keep_last`` newest steps and ``best`` are left."""
         self.poll(wait=True)
+        if self.is_main and self.root.is_dir():
+            self._request_prune()  # whatever re-pointed ``best`` last, nothing stale is left
         self._join_pruner()
+
+    def _request_prune(self) -> None:
+        """Prune in the background (rank 0); if a prune is running, it runs once more when done,
+        so that a ``best`` re-pointed meanwhile is honoured without blocking the loop."""
+        with self._prune_lock:
+            self._prune_requested = True
+            if self._pruning:
+                return
+            self._pruning = True
+        self._pruner = threading.Thread(target=self._prune_while_requested, name="checkpoint-prune", daemon=True)
+        self._pruner.start()
+
+    def _prune_while_requested(self) -> None:
+        while True:
+            with self._prune_lock:
+                if not self._prune_requested:
+                    self._pruning = False
+                    return
+                self._prune_requested = False
+            self._prune()
 
     def _join_pruner(self) -> None:
         if self._pruner is not None:
@@ -231,10 +258,15 @@ class Checkpointer:
             self._pruner = None
 
     def _prune(self) -> None:
-        best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
+        """Delete all but the ``keep_last`` newest ``step_<N>``, sparing the target of ``best``
+        (read per directory: ``mark_best`` may re-point it meanwhile)."""
         for _, old in self._step_dirs()[: -self.cfg.keep_last]:
-            if old.resolve() != best:
+            if old.resolve() != self._best_target():
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _best_target(self) -> Path | None:
+        link = self.root / "best"
+        return link.resolve() if link.is_symlink() else None
 
 
 def _why_incomplete(path: Path) -> str | None:

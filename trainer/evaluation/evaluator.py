@@ -5,7 +5,8 @@ Output (rank 0) in ``out_dir``::
 
     <source>_<iou_type>_results.json   standard COCO results (original ids and pixels)
     summary.json                       every metric; per source the ground-truth json and
-                                       COCOeval params each results file was scored with
+                                       COCOeval params each results file was scored with,
+                                       and the OKS sigmas of keypoint sources
 """
 from __future__ import annotations
 
@@ -176,6 +177,10 @@ def _score_coco(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> t
     if not spec.iou_types:
         return scores, info
     assert spec.annotation_file is not None  # source_spec guarantees it
+    if not Path(spec.annotation_file).is_file():  # present at start-up (preflight), gone since
+        raise FileNotFoundError(
+            f"validation source {spec.name!r}: its ground truth {spec.annotation_file} does not exist"
+        )
     gt = load_ground_truth(spec.annotation_file)
     info.update(ground_truth={}, results={}, cocoeval_params={})
     for iou_type in spec.iou_types:
@@ -193,4 +198,6 @@ def _score_coco(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> t
         info["ground_truth"][iou_type] = spec.annotation_file
         info["results"][iou_type] = path.name
         info["cocoeval_params"][iou_type] = asdict(params)
+        if keypoints:
+            info["kpt_oks_sigmas"] = params.kpt_oks_sigmas
     return scores, info

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from data_pipelines.label_space import LabelSpace
@@ -16,7 +17,7 @@ IOU_TYPES: dict[str, str] = {"detection": "bbox", "instance_mask": "segm", "keyp
 class SourceSpec:
     name: str
     iou_types: tuple[str, ...]  # COCOeval iou types, in IOU_TYPES order
-    annotation_file: str | None  # the original COCO json (iou types only)
+    annotation_file: str | None  # the source's COCO json, in its directory (iou types only)
     # label-space index -> the source's category id; None: the source has no thing classes
     # of its own (keypoint-only), so its detections only carry keypoints.
     index_to_category: dict[int, int] | None
@@ -40,8 +41,12 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
         )
     mapping = label_space.category_to_index.get(manifest.name)
     keypoint_ids: tuple[int, ...] = ()
+    # Absolute, so the summary names it wherever the run was started from.
+    ground_truth = manifest.annotation_path()
+    annotation_file = os.path.abspath(ground_truth) if iou_types and ground_truth else None
     if "keypoints" in iou_types:
-        keypoint_ids = _keypoint_category_ids(manifest.annotation_file)
+        assert annotation_file is not None  # checked above
+        keypoint_ids = _keypoint_category_ids(annotation_file)
         if mapping is None and len(keypoint_ids) != 1:
             raise ValueError(
                 f"validation source {manifest.name!r} labels keypoints but not detection, so its detections can "
@@ -50,7 +55,7 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
     return SourceSpec(
         name=manifest.name,
         iou_types=iou_types,
-        annotation_file=manifest.annotation_file,
+        annotation_file=annotation_file,
         index_to_category=None if mapping is None else {index: cid for cid, index in mapping.items()},
         keypoint_category_ids=keypoint_ids,
         kpt_oks_sigmas=list(manifest.keypoints.sigmas) if "keypoints" in iou_types and manifest.keypoints else None,
@@ -64,5 +69,8 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
 def _keypoint_category_ids(annotation_file: str) -> tuple[int, ...]:
     # Only the validation json is read here, once per evaluation; it is small next to a training one.
     with open(annotation_file) as f:
-        categories = json.load(f)["categories"]
+        try:
+            categories = json.load(f)["categories"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{annotation_file}: not a COCO json with 'categories' ({e})") from None
     return tuple(c["id"] for c in categories if c.get("keypoints"))

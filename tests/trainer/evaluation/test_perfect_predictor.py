@@ -48,7 +48,8 @@ def test_results_use_original_ids_and_summary_names_ground_truth(perfect, tiny):
     people = summary["sources"]["tiny_people"]
     assert set(people["ground_truth"]) == {"bbox", "keypoints"}
     for iou_type, path in people["ground_truth"].items():
-        assert path == str(tiny.annotation_file("tiny_people").resolve())
+        # The source's own copy of its json, not the raw file it was converted from.
+        assert path == str(tiny.paths["tiny_people"] / "annotations.json")
         results = json.loads((out_dir / people["results"][iou_type]).read_text())
         # person 4 and ball 9 for boxes; keypoint results only for the keypoint category
         assert {r["category_id"] for r in results} == ({4, 9} if iou_type == "bbox" else {4})

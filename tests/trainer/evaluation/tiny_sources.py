@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_pipelines.conversion import convert_coco, convert_image_folder, convert_semantic
+from data_pipelines.conversion import COCO_PERSON_KEYPOINTS, convert_coco, convert_image_folder, convert_semantic
 
 IMAGE_SIZE = 192  # 64 * 3 = 48 * 4
 NUM_IMAGES = 5  # odd, so 2 ranks get unequal shares
@@ -196,3 +196,37 @@ def _semantic_mask(index: int, rng: np.random.Generator) -> np.ndarray:
     mask[: height // 4] = 2 if index % 2 == 0 else 1
     mask[y0, x0:x1] = 255  # unlabelled boundary
     return mask
+
+
+def write_coco_person_source(root: Path, *, name: str = "coco_people") -> tuple[Path, Path]:
+    """A COCO person-keypoints style source as COCO ships it: one "person" category with
+    COCO's 17 keypoint names and no ``sigmas``; two people per image, some joints unlabelled.
+    Writes raw data under ``root/raw`` and converts it to ``root/<name>``.
+
+    Returns:
+        (the raw COCO json, the converted source directory).
+    """
+    rng = np.random.default_rng(1)
+    images_dir = root / "raw" / name / "images"
+    images = _write_images(images_dir, rng)
+    annotations = []
+    for image in images:
+        for _ in range(2):
+            box = _random_box(image, rng)
+            x0, y0, x1, y1 = box
+            keypoints = []
+            for _ in COCO_PERSON_KEYPOINTS:
+                visible = rng.random() < 0.8
+                x, y = rng.uniform(x0 + 1, x1 - 1), rng.uniform(y0 + 1, y1 - 1)
+                keypoints += [round(x, 1), round(y, 1), 2] if visible else [0.0, 0.0, 0]
+            num = sum(v > 0 for v in keypoints[2::3])
+            annotations.append(_box_annotation(image, 1, box, keypoints=keypoints, num_keypoints=num))
+    for ann_id, ann in enumerate(annotations, start=1):
+        ann["id"] = ann_id
+    category = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_PERSON_KEYPOINTS),
+                "skeleton": [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13]]}
+    coco_file = root / "raw" / name / "person_keypoints.json"
+    coco_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [category]}))
+    convert_coco(images_dir, coco_file, root / name, name=name, tasks=["detection", "keypoints"],
+                 shard_max_samples=SHARD_SIZE, workers=1)
+    return coco_file, root / name
