@@ -377,6 +377,24 @@ def test_nash_mtl_solves_its_bargaining_equation():
     assert torch.allclose(alpha, torch.tensor([0.5, 2.0], dtype=F64), rtol=1e-14)  # α_i = 1/‖g_i‖
 
 
+def test_nash_mtl_weights_satisfy_the_reference_implementations_constraint_unscaled():
+    """The reference (Navon et al., methods/weight_methods.py) normalises K by n = ‖K‖_F but
+    constrains log(α_i·n) + log(((K/n) α)_i) >= 0, active at its solution: n cancels, so its
+    weights are ours, not √n times ours (what this module's comment once claimed)."""
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(4, 7, generator=gen, dtype=F64) * torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=F64)[:, None]
+    gram = grads @ grads.T
+    n = float(torch.linalg.matrix_norm(gram))
+    assert abs(n - 1) > 1  # a scale at which a √n factor shows
+
+    def reference_constraint(alpha: torch.Tensor) -> torch.Tensor:
+        return torch.log(alpha * n) + torch.log((gram / n) @ alpha)
+
+    alpha = build_balancer("nash_mtl", ["a", "b", "c", "d"], ridge=0.0).coefficients(gram, torch.ones(4, dtype=F64))
+    assert torch.allclose(reference_constraint(alpha), torch.zeros(4, dtype=F64), atol=1e-9)
+    assert reference_constraint(alpha * n**0.5).abs().min() > 0.1  # the claimed rescaling is not a solution
+
+
 def test_aligned_mtl_equalises_the_singular_values():
     gen = torch.Generator().manual_seed(6)
     grads = torch.randn(4, 8, generator=gen, dtype=F64) * torch.tensor([5.0, 1.0, 0.2, 1.0], dtype=F64)[:, None]
