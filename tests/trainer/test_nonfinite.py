@@ -18,10 +18,13 @@ def _checkpoint_floats(step_dir) -> list[np.ndarray]:
     from trainer.checkpoint.raw_storage import RawItem, RawTensorReader
 
     metadata = RawTensorReader(str(step_dir)).read_metadata()
+    files: dict[str, bytes] = {}
     arrays = []
     for info in metadata.storage_data.values():
         if isinstance(info, RawItem) and info.dtype in ("float32", "float64"):
-            raw = (step_dir / info.relative_path).read_bytes()[info.offset: info.offset + info.length]
+            if info.relative_path not in files:
+                files[info.relative_path] = (step_dir / info.relative_path).read_bytes()
+            raw = files[info.relative_path][info.offset: info.offset + info.length]
             arrays.append(np.frombuffer(raw, dtype=np.dtype(info.dtype)))
     return arrays
 
