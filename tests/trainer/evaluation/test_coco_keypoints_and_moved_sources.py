@@ -4,16 +4,15 @@ moved elsewhere, with the original json gone, it still evaluates."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import load_manifest
 from data_pipelines.streaming.loader import SourceConfig
 from tests.trainer.evaluation.fakes import GroundTruthModel
+from tests.trainer.evaluation.pycocotools_reference import pycocotools_stats
 from tests.trainer.evaluation.tiny_sources import IMAGE_SIZE, write_coco_person_source
 from data_pipelines.streaming.transforms import TransformConfig
 from trainer.evaluation.coco_metrics import STAT_NAMES
@@ -36,17 +35,6 @@ def _evaluate(source_dir, out_dir) -> dict[str, float]:
                     device=torch.device("cpu"), out_dir=out_dir)
 
 
-def _pycocotools(annotation_file, results_file, sigmas=None) -> list[float]:
-    gt = COCO(str(annotation_file))
-    evaluator = COCOeval(gt, gt.loadRes(str(results_file)), "keypoints")  # its defaults, unless sigmas
-    if sigmas is not None:
-        evaluator.params.kpt_oks_sigmas = np.array(sigmas)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return [float(s) for s in evaluator.stats]
-
-
 @pytest.fixture(scope="module")
 def people(tmp_path_factory):
     raw_json, source_dir = write_coco_person_source(tmp_path_factory.mktemp("people"), name=NAME)
@@ -57,12 +45,12 @@ def people(tmp_path_factory):
 def test_keypoint_ap_of_a_coco_person_source_is_pycocotools_default(people):
     raw_json, _, out_dir, metrics = people
     results = out_dir / f"{NAME}_keypoints_results.json"
-    expected = _pycocotools(raw_json, results)
+    expected = pycocotools_stats(raw_json, results, "keypoints")
     ours = [metrics[f"val/{NAME}/keypoints/{name}"] for name in STAT_NAMES["keypoints"]]
     assert ours == expected
     assert 0.0 < ours[0] < 1.0  # a real mix of hits and misses
     # The test can tell: one sigma for every joint (the old default) scores otherwise.
-    assert _pycocotools(raw_json, results, sigmas=[0.05] * 17)[0] != expected[0]
+    assert pycocotools_stats(raw_json, results, "keypoints", sigmas=[0.05] * 17)[0] != expected[0]
 
 
 def test_summary_records_the_sigmas_used(people):

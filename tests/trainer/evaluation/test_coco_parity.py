@@ -3,13 +3,11 @@ scored independently here against the raw annotation files (non-contiguous categ
 image ids, crowd regions, a category without keypoints)."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from tests.trainer.evaluation.fakes import GroundTruthModel
+from tests.trainer.evaluation.pycocotools_reference import pycocotools_stats
 from tests.trainer.evaluation.tiny_sources import KEYPOINT_SIGMAS
 from trainer.evaluation.coco_metrics import STAT_NAMES, CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.evaluator import evaluate
@@ -26,17 +24,6 @@ def noisy(tiny, tmp_path_factory):
     return metrics, out_dir
 
 
-def _pycocotools_stats(annotation_file, results_file, iou_type, sigmas=None) -> list[float]:
-    gt = COCO(str(annotation_file))
-    evaluator = COCOeval(gt, gt.loadRes(str(results_file)), iou_type)
-    if sigmas is not None:
-        evaluator.params.kpt_oks_sigmas = np.array(sigmas)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return [float(s) for s in evaluator.stats]
-
-
 @pytest.mark.parametrize(
     "source, iou_type",
     [
@@ -49,7 +36,7 @@ def _pycocotools_stats(annotation_file, results_file, iou_type, sigmas=None) -> 
 )
 def test_stats_identical_to_pycocotools(noisy, tiny, source, iou_type):
     metrics, out_dir = noisy
-    expected = _pycocotools_stats(
+    expected = pycocotools_stats(
         tiny.annotation_file(source), out_dir / f"{source}_{iou_type}_results.json", iou_type,
         sigmas=KEYPOINT_SIGMAS if iou_type == "keypoints" else None,
     )
