@@ -44,6 +44,7 @@ from data_pipelines.schema import Batch  # noqa: E402
 from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
 from data_pipelines.streaming.transforms import TransformConfig  # noqa: E402
 from trainer.balancers import balancer_class, balancer_names  # noqa: E402
+from trainer.balancing import STATISTICS  # noqa: E402
 from trainer.config import JobConfig, load_config  # noqa: E402
 from trainer.distributed import DistInfo, shutdown_distributed  # noqa: E402
 from trainer.train_loop import Trainer  # noqa: E402
@@ -62,7 +63,7 @@ HEADLINE = {
 def quality_overrides(shards: Path, run_dir: Path, *, method: str, mode: str, seed: int, steps: int,
                       eval_images: int | None) -> list[str]:
     # A mode is an error for a method without gradient statistics (it would be ignored).
-    mode_override = [f"balancer.mode={mode}"] if balancer_class(method).needs_gram else []
+    mode_override = [f"balancer.statistics={mode}"] if balancer_class(method).needs_gram else []
     return demo_overrides(shards, run_dir, evaluate=True) + [
         f"balancer.name={method}", *mode_override, f"run.seed={seed}", f"data.seed={seed}",
         f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
@@ -167,7 +168,7 @@ def print_quality(results: dict[str, dict[int, dict[str, Any]]], tasks: list[str
     methods = [m for m in known if m in results] + sorted(set(results) - set(known))
     seeds_eq = sorted(results["equal"])
     digests = {r["val_batches"]["keys_sha256"] for per in results.values() for r in per.values()}
-    print(f"\nQuality after {steps} steps (balancer.mode={mode}), mean ± std over seeds; Δm vs equal "
+    print(f"\nQuality after {steps} steps (balancer.statistics={mode}), mean ± std over seeds; Δm vs equal "
           f"weighting in % (negative = better), from the seed means; per-seed Δm (paired seeds) in [].")
     print(f"Validation batches: {'identical for every run' if len(digests) == 1 else 'DIFFER: ' + str(digests)}.")
     short = {"detection": "det", "instance_mask": "mask", "keypoints": "kpt", "semantic": "sem",
@@ -264,7 +265,7 @@ def run_quality(args: argparse.Namespace) -> None:
 
 def _result_path(out: Path, method: str, seed: int, args: argparse.Namespace) -> Path:
     # <method>_<seed>.json for the default mode; parameters mode gets a suffix, so the two never mix.
-    suffix = "" if args.mode == "representation" else f"_{args.mode}"
+    suffix = "" if args.mode == "features" else f"_{args.mode}"
     return out / f"{method}_{seed}{suffix}.json"
 
 
@@ -276,7 +277,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (the demo's own length: 300)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=QUALITY_METHODS, metavar="METHOD")
-    parser.add_argument("--mode", choices=["representation", "parameters"], default="representation")
+    parser.add_argument("--mode", choices=list(STATISTICS), default="features",
+                        help="balancer.statistics of the gradient methods")
     parser.add_argument("--out", default="runs/bench_balancing")
     parser.add_argument("--eval-images", type=int, default=None, help="eval.max_images per source (default: all)")
     parser.add_argument("--val-batches", type=int, default=10, help="validation batches for the losses")

@@ -5,7 +5,7 @@ One process: DCP writes everything, as torch.save does. Under torchrun (DDP, rep
 state): DCP splits the writing over the ranks; the baseline is what a non-sharded DDP
 trainer does, rank 0 ``torch.save``-ing the whole state while the others wait.
 
-    .venv/bin/python -m bench.checkpoint_save [--repeats 5] [--dir /tmp]
+    .venv/bin/python -m bench.checkpoint_save [--repeats 5] [--dir /tmp] [--format raw|dcp]
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 -m bench.checkpoint_save --dir /tmp
 """
 from __future__ import annotations
@@ -39,13 +39,16 @@ def main() -> None:
     parser.add_argument("--gc", choices=["trainer", "auto"], default="trainer",
                         help="trainer: Python's automatic GC off, as in the training loop (trainer.gc_every); "
                              "auto: on, as a script without that schedule would run")
+    parser.add_argument("--format", choices=["raw", "dcp"], default="raw",
+                        help="checkpoint.format of the polytask saves: raw tensor bytes (default) or DCP's own files")
     args = parser.parse_args()
 
     dist_info = init_distributed(device=args.device)
     torch.manual_seed(0)  # identical replicas on every rank
     num_classes = {t: 3 for t in TASKS} | {"keypoints": 5}
     backend = DDPBackend(build_model(ModelConfig(), num_classes=num_classes).to(dist_info.device), optim=OptimConfig(),
-                         max_steps=10, device=dist_info.device, async_save=True)
+                         max_steps=10, device=dist_info.device, async_save=True,
+                         checkpoint_format=args.format)
     for p in backend.model.parameters():  # populate AdamW's moments, as in a real checkpoint
         p.grad = torch.randn_like(p)  # same on every rank (same seed)
     backend.optimizer_step()
@@ -100,7 +103,7 @@ def main() -> None:
     print(f"world size {dist_info.world_size}, {dist_info.device.type}, gc {args.gc}; checkpoint size {size / 2**20:.1f} MiB")
     print(f"torch.save (rank 0)    : {p * 1000:8.1f} ms (median of {args.repeats})")
     print(f"torch.save + fsync     : {d * 1000:8.1f} ms")
-    print(f"polytask DCP (atomic)  : {o * 1000:8.1f} ms")
+    print(f"polytask DCP (atomic, checkpoint.format={args.format}): {o * 1000:8.1f} ms")
     print(f"ratio polytask/torch.save: {o / p:.2f}  (target <= 1.5); vs torch.save+fsync: {o / d:.2f}")
     print(f"async save, time the training loop waits: {b * 1000:8.1f} ms ({b / o:.2f} of a synchronous save)")
 

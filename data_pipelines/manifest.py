@@ -27,6 +27,7 @@ from data_pipelines.schema import TASKS
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = "polytask-shards/1"
+SAMPLE_ORDERS = ("shuffled", "original")  # how converters order samples into shards
 
 
 @dataclass(kw_only=True)
@@ -72,6 +73,11 @@ class Manifest:
     # The source's COCO ground truth (evaluation scores against the original ids): a copy of
     # the converted json inside the source directory, relative to it (see ``annotation_path``).
     annotation_file: str | None = None
+    # The order the converter wrote the samples in: "shuffled" (a seeded permutation,
+    # ``order_seed``, so that no shard holds one class of a class-sorted source) or
+    # "original" (the input's order); None in manifests written before it was recorded.
+    order: str | None = None
+    order_seed: int | None = None
     format: str = FORMAT_VERSION
     root: str = ""  # directory the manifest was loaded from; not serialised
 
@@ -104,18 +110,25 @@ class Manifest:
                 )
         if self.annotation_file is not None:
             _check_annotation_file(self.annotation_file, where)
+        if self.order not in (None, *SAMPLE_ORDERS):
+            raise ValueError(f"{where}: order {self.order!r} is not one of {list(SAMPLE_ORDERS)}")
+        if (self.order == "shuffled") != (isinstance(self.order_seed, int) and not isinstance(self.order_seed, bool)):
+            raise ValueError(f"{where}: order_seed {self.order_seed!r} must be an integer with order 'shuffled' only")
+        # A task the source's annotations are not of (an ImageFolder source mapped to detection,
+        # a COCO one to classification): named with the source and the task.
         if "keypoints" in self.tasks and (self.keypoints is None or not self.keypoints.names):
-            raise ValueError(f"{where}: labels 'keypoints' but has no 'keypoints.names'")
+            raise ValueError(f"{where}: source {self.name!r} labels task 'keypoints' but has no 'keypoints.names'")
         if self.keypoints is not None:
             problem = bad_keypoint_sigmas(self.keypoints.sigmas, len(self.keypoints.names))
             if problem:
                 raise ValueError(f"{where}: keypoints.sigmas {problem}")
         if "semantic" in self.tasks and not self.semantic_classes:
-            raise ValueError(f"{where}: labels 'semantic' but has no 'semantic_classes'")
+            raise ValueError(f"{where}: source {self.name!r} labels task 'semantic' but has no 'semantic_classes'")
         if "classification" in self.tasks and not self.classes:
-            raise ValueError(f"{where}: labels 'classification' but has no 'classes'")
-        if {"detection", "instance_mask"} & set(self.tasks) and not self.categories:
-            raise ValueError(f"{where}: labels detection/instance_mask but has no 'categories'")
+            raise ValueError(f"{where}: source {self.name!r} labels task 'classification' but has no 'classes'")
+        for task in ("detection", "instance_mask"):
+            if task in self.tasks and not self.categories:
+                raise ValueError(f"{where}: source {self.name!r} labels task {task!r} but has no 'categories'")
 
     def to_json(self) -> dict:
         d = asdict(self)

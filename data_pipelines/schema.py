@@ -18,19 +18,34 @@ Per-sample dict (after decoding, before collate)::
     keypoint_visibility  int64 [N, K]    COCO visibility 0 (not labelled), 1, 2
     semantic    tv_tensors.Mask int64 [H, W]  class index per pixel, ``IGNORE_INDEX`` = unlabelled
     class_label int64 scalar             image-level class index (classification)
+    thing_coverage     bool [C_thing]    the classes the sample's source annotates (detection,
+    semantic_coverage  bool [C_semantic]  instance_mask; semantic; classification), present only
+    class_coverage     bool [C_image]    when it annotates some but not all: absent = all
 
 Keys for tasks a sample is not labelled for may be absent or hold empty tensors; the
-``task_mask`` is the only authority on what is labelled.
+``task_mask`` is the only authority on what is labelled. What a source does not annotate
+gets no loss: a class outside its coverage is neither positive nor negative on its samples,
+and a keypoint its schema lacks has visibility 0 (COCO's "not labelled").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: TASKS alone must not cost its 5 s import (CLI)
+    import torch
 
 # Fixed order: task_mask columns and every per-task tensor follow it.
 TASKS: tuple[str, ...] = ("detection", "instance_mask", "keypoints", "semantic", "classification")
 TASK_INDEX: dict[str, int] = {name: i for i, name in enumerate(TASKS)}
+
+# Task -> the per-sample target holding its class coverage (keypoints need none: visibility 0).
+COVERAGE_KEYS: dict[str, str] = {
+    "detection": "thing_coverage",
+    "instance_mask": "thing_coverage",
+    "semantic": "semantic_coverage",
+    "classification": "class_coverage",
+}
 
 # Semantic masks use this value for pixels without a label (the usual VOC/ADE convention).
 IGNORE_INDEX = 255
@@ -41,6 +56,8 @@ def task_mask_for(tasks: list[str] | tuple[str, ...]) -> torch.Tensor:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+    import torch
+
     mask = torch.zeros(len(TASKS), dtype=torch.bool)
     for name in tasks:
         mask[TASK_INDEX[name]] = True
@@ -55,7 +72,8 @@ class Batch:
         images: float32 [B, 3, H, W] in [0, 1] (normalisation belongs to the model).
         targets: one dict per sample with the per-sample tensors of the schema above
             (``boxes``, ``labels``, ``iscrowd``, ``masks``, ``keypoints``,
-            ``keypoint_visibility``, ``semantic``, ``class_label``) as plain tensors.
+            ``keypoint_visibility``, ``semantic``, ``class_label`` and the coverage keys)
+            as plain tensors.
         task_mask: bool [B, T], T = len(TASKS).
         keys: sample keys, for audit and debugging.
         sources: source name of each sample.

@@ -1,5 +1,9 @@
 """``polytask`` command line: ``launch`` (torchrun), ``train`` (one rank), ``eval`` (one rank),
-``report``, ``data``."""
+``report``, ``export``, ``predict``, ``data``.
+
+Only what parses arguments is imported here: ``--help`` must not wait for torch (seconds;
+tests/launcher/test_cli_imports.py); each command imports what it runs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the run directory")
     report.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
 
+    export = sub.add_parser("export", help="a checkpoint's model as safetensors weights + model.json (one process)")
+    _add_config_args(export)
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory (DDP or DeepSpeed ZeRO 0-3)")
+    export.add_argument("--out", required=True, help="output directory for model.safetensors and model.json")
+
+    predict = sub.add_parser("predict", help="draw a checkpoint's predictions on images; predictions.jsonl (one process)")
+    predict.add_argument("config", help="YAML config file, e.g. configs/demo_cpu.yaml")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR",
+                         help="image files and directories of images (then key.path=value overrides)")
+    predict.add_argument("--checkpoint", required=True, help="checkpoint directory (DDP or DeepSpeed ZeRO 0-3)")
+    predict.add_argument("--out", required=True, help="output directory for the PNGs and predictions.jsonl")
+    predict.set_defaults(overrides=[])
+
     data = sub.add_parser("data", help="demo data and converters")
     add_data_subcommands(data.add_subparsers(dest="data_command", required=True))
     return parser
@@ -78,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "predict":
+            return _predict(args)
         from launcher.data_cli import run_data_command
 
         return run_data_command(args)
@@ -187,6 +208,35 @@ def _eval(args: argparse.Namespace) -> int:
     from trainer.main import run_eval
 
     return run_eval(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.export import export_model
+
+    for path in export_model(load_config(args.config, args.overrides), args.checkpoint, args.out):
+        print(path)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.predict import image_files, predict_images
+
+    # Positionals after CONFIG are images unless they are overrides (key=value, not a file).
+    items = [*args.inputs, *args.overrides]
+    overrides = [x for x in items if "=" in x and not os.path.exists(x)]
+    inputs = [x for x in items if x not in overrides]
+    if not inputs:
+        raise ConfigError("predict: no images given (IMAGES_OR_DIR)")
+    cfg = load_config(args.config, overrides)
+    try:
+        image_files(inputs)  # a file that is not an image: one line, before the model loads
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for path in predict_images(cfg, args.checkpoint, inputs, args.out):
+        print(path)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from data_pipelines.conversion import (
     COCO_TASKS,
     DEFAULT_BAD_SAMPLE_POLICY,
     DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_ORDER,
+    DEFAULT_ORDER_SEED,
     DEFAULT_SHARD_MAX_BYTES,
     DEFAULT_SHARD_MAX_SAMPLES,
     DEFAULT_WORKERS,
@@ -28,7 +30,7 @@ from data_pipelines.conversion import (
     convert_semantic,
 )
 from data_pipelines.demo.shards import convert_demo
-from data_pipelines.manifest import MANIFEST_NAME
+from data_pipelines.manifest import MANIFEST_NAME, SAMPLE_ORDERS
 from data_pipelines.demo.synthetic import DEFAULT_NUM_IMAGES, generate_demo_data
 
 
@@ -64,12 +66,38 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
     folder = formats.add_parser("imagefolder", help="ROOT/<class_name>/<image>")
     folder.add_argument("--root", type=Path, required=True)
     folder.set_defaults(data_run=_run_convert_image_folder)
-    for parser in (coco, semantic, folder):
+    yolo = formats.add_parser(
+        "yolo", help="Ultralytics YOLO txt labels (boxes, segment polygons, pose keypoints) + data.yaml")
+    yolo.add_argument(
+        "--data", type=Path, required=True, help="the dataset's data.yaml (names, kpt_shape, flip_idx, splits)")
+    yolo.add_argument("--split", required=True, help="the data.yaml key listing the images: train, val, test, ...")
+    yolo.add_argument(
+        "--tasks", nargs="+", choices=COCO_TASKS, required=True,
+        help="detection (boxes, or polygons' extents), instance_mask (polygon lines), keypoints (needs kpt_shape)",
+    )
+    yolo.add_argument(
+        "--root", type=Path,
+        help="dataset root the split paths are relative to, replacing data.yaml's 'path' (which must stay inside "
+        "data.yaml's directory); the split's files must lie inside it",
+    )
+    yolo.add_argument(
+        "--keypoint-sigmas", type=_float_list, metavar="S1,S2,...",
+        help="OKS sigmas for keypoint AP, one per keypoint; default: COCO's official ones for COCO's 17 person "
+        "keypoints (flip_idx as COCO's), else 0.05 each (with a warning)",
+    )
+    yolo.set_defaults(data_run=_run_convert_yolo)
+    for parser in (coco, semantic, folder, yolo):
         parser.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
         parser.add_argument("--name", required=True, help="source name (manifest name, shard prefix)")
         parser.add_argument("--shard-max-samples", type=int, default=DEFAULT_SHARD_MAX_SAMPLES)
         parser.add_argument("--shard-max-bytes", type=int, default=DEFAULT_SHARD_MAX_BYTES)
         parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+        parser.add_argument(
+            "--order", choices=SAMPLE_ORDERS, default=DEFAULT_ORDER,
+            help="shuffled (default): write samples in a seeded random order, so that no shard holds one class of "
+            "a sorted source; original: in the input's order (both recorded in the manifest)",
+        )
+        parser.add_argument("--order-seed", type=int, default=DEFAULT_ORDER_SEED, help="seed of --order shuffled")
         parser.add_argument(
             "--bad-sample-policy", choices=BAD_SAMPLE_POLICIES, default=DEFAULT_BAD_SAMPLE_POLICY,
             help="raise: stop at the first bad image or annotation; skip: leave bad records out, "
@@ -113,6 +141,8 @@ def _shard_options(args: argparse.Namespace) -> dict:
         "workers": args.workers,
         "bad_sample_policy": args.bad_sample_policy,
         "max_bad_fraction": args.max_bad_fraction,
+        "order": args.order,
+        "order_seed": args.order_seed,
     }
 
 
@@ -145,6 +175,16 @@ def _run_convert_semantic(args: argparse.Namespace) -> int:
 
 def _run_convert_image_folder(args: argparse.Namespace) -> int:
     manifest = convert_image_folder(args.root, args.out, **_shard_options(args))
+    return _report(manifest.num_samples, args.out)
+
+
+def _run_convert_yolo(args: argparse.Namespace) -> int:
+    from data_pipelines.conversion.yolo import convert_yolo
+
+    manifest = convert_yolo(
+        args.data, args.out, split=args.split, tasks=args.tasks, root=args.root, keypoint_sigmas=args.keypoint_sigmas,
+        **_shard_options(args),
+    )
     return _report(manifest.num_samples, args.out)
 
 

@@ -3,13 +3,17 @@
 From ``metrics.jsonl`` (one row per logged step) and the evaluation summaries
 (``eval/step_<N>/summary.json``):
 
-    losses.png        per-task losses (loss/<task>) over steps
-    weights.png       per-task loss weights / balancer coefficients (weight/<task>)
+    losses.png        per-task losses (loss/<task>) over steps; when no task's loss weight
+                      varies, one line under the plot says so and names the weights
+    weights.png       the loss weights / balancer coefficients (weight/<task>) that vary
     cosine_<N>.png    task-gradient cosine similarity at a few steps (balancer/cos/<ti>/<tj>), when logged
-    metrics.png       validation metrics (val/...) over the evaluated steps
+    metrics.png       validation metrics (val/...) over the evaluated steps, each panel's
+                      y axis fitted to its values (early APs of 0.01 are not drawn as zero)
+    confusion_<source>.png  the last evaluation's classification confusion matrix per source
 
 Every figure is ``FIGSIZE`` at ``DPI``: a known pixel size, for papers and for tests.
-A figure with nothing to show is not written.
+Legends sit outside the axes, so that they hide no data. A figure with nothing to show
+is not written.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ HEADLINE = {
     "classification": ("top1", "top5"),
 }
 _COS_KEY = re.compile(r"^balancer/cos/([^/]+)/([^/]+)$")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+")
+CONSTANT_TOLERANCE = 1e-9  # relative: a weight that moves less than this is constant
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +51,17 @@ def render_report(run_dir: str | Path, *, out_dir: str | Path | None = None) -> 
     rows = read_rows(run_dir / "metrics.jsonl")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    weight_keys = _keys(rows, "weight/")
+    varying = [k for k in weight_keys if not _is_constant(_series(rows, k)[1])]
+    constant = [k for k in weight_keys if k not in varying]
     written = [
-        _curves(rows, prefix="loss/", title="per-task loss", path=out / "losses.png", log_scale=True),
-        _curves(rows, prefix="weight/", title="per-task loss weight", path=out / "weights.png", log_scale=False),
+        _curves(rows, _keys(rows, "loss/"), prefix="loss/", title="per-task loss", path=out / "losses.png",
+                log_scale=True, note=_constant_note(rows, constant) if not varying else None),
+        _curves(rows, varying, prefix="weight/", title="per-task loss weight", path=out / "weights.png",
+                log_scale=False, note=_constant_note(rows, constant)),
         *_cosine_heatmaps(rows, out),
         _metrics(rows + eval_rows(run_dir / "eval"), out / "metrics.png"),
+        *_confusion_matrices(run_dir / "eval", out),
     ]
     return [p for p in written if p is not None]
 
@@ -91,7 +103,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _new_figure() -> Figure:
-    return Figure(figsize=FIGSIZE, dpi=DPI)
+    # Constrained layout makes room for legends and notes outside the axes at a fixed size.
+    return Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -100,22 +113,45 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _curves(rows: list[dict], *, prefix: str, title: str, path: Path, log_scale: bool) -> Path | None:
-    keys = _ordered(sorted({k for r in rows for k in r if k.startswith(prefix)}), prefix)
+def _keys(rows: list[dict], prefix: str) -> list[str]:
+    return _ordered(sorted({k for r in rows for k in r if k.startswith(prefix)}), prefix)
+
+
+def _is_constant(values: list[float]) -> bool:
+    if not values:
+        return True
+    scale = max(abs(v) for v in values) or 1.0
+    return max(values) - min(values) <= CONSTANT_TOLERANCE * scale
+
+
+def _constant_note(rows: list[dict], keys: list[str]) -> str | None:
+    """One line naming the weights that never change, e.g. ``detection 1, semantic 0.5``."""
+    if not keys:
+        return None
+    values = ", ".join(f"{k.split('/', 1)[1]} {_series(rows, k)[1][0]:g}" for k in keys)
+    return f"loss weights constant over the run: {values}"
+
+
+def _curves(
+    rows: list[dict], keys: list[str], *, prefix: str, title: str, path: Path, log_scale: bool, note: str | None
+) -> Path | None:
     if not keys:
         return None
     fig = _new_figure()
     ax = fig.add_subplot()
-    for key in keys:
+    for i, key in enumerate(keys):
         steps, values = _series(rows, key)
-        ax.plot(steps, values, marker="." if len(steps) < 20 else None, label=key[len(prefix):],
-                linestyle="--" if key.endswith("/total") else "-")
+        # A marker shape per line: a line lying on another still shows its points.
+        ax.plot(steps, values, marker=MARKERS[i % len(MARKERS)], markevery=max(1, len(steps) // 20),
+                markersize=4, label=key[len(prefix):], linestyle="--" if key.endswith("/total") else "-")
     if log_scale and all(v > 0 for k in keys for v in _series(rows, k)[1]):
         ax.set_yscale("log")
     ax.set(title=title, xlabel="step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(loc="outside right upper", fontsize="small")
+    if note:
+        fig.text(0.01, 0.005, note, fontsize="small", ha="left", va="bottom", wrap=True)
+        fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))  # the note's line stays clear of the x label
     return _save(fig, path)
 
 
@@ -146,10 +182,10 @@ def _cosine_heatmap(row: dict, path: Path) -> Path:
     for i, values in enumerate(matrix):
         for j, value in enumerate(values):
             if not math.isnan(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small")
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small",
+                        color="white" if abs(value) > 0.6 else "black")
     fig.colorbar(image, ax=ax, label="cosine similarity of task gradients")
     ax.set_title(f"task-gradient cosine similarity, step {row['step']}")
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -167,14 +203,59 @@ def _metrics(rows: list[dict], path: Path) -> Path | None:
     grid_rows = math.ceil(len(groups) / cols)
     for i, (group, keys) in enumerate(groups.items()):
         ax = fig.add_subplot(grid_rows, cols, i + 1)
+        top = 0.0
         for key in keys:
             steps, values = _series(rows, key)
-            ax.plot(steps, values, marker="o", label=key.rsplit("/", 1)[1])
+            ax.plot(steps, values, marker="o", markersize=3, label=key.rsplit("/", 1)[1])
+            top = max([top, *values])
         ax.set_title(group, fontsize="small")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(*_metric_limits(top))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        # Below the panel, in one row: inside, it would cover the points of a rising metric.
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(keys), frameon=False)
         ax.tick_params(labelsize="x-small")
     fig.suptitle("validation metrics over steps")
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _metric_limits(top: float) -> tuple[float, float]:
+    """y limits for metrics in [0, 1]: from 0 to a little above the best value, so that
+    an AP of 0.02 is visibly not 0; never above 1 (plus margin)."""
+    upper = min(1.0, max(top * 1.15, 0.01))
+    return -0.03 * upper, upper * 1.03
+
+
+def _confusion_matrices(eval_dir: Path, out: Path) -> list[Path]:
+    """The last evaluation's classification confusion matrices, one figure per source."""
+    summaries = sorted(eval_dir.glob("step_*/summary.json"), key=lambda p: int(p.parent.name.split("_", 1)[1]))
+    if not summaries:
+        return []
+    last = summaries[-1].parent
+    written = []
+    for path in sorted(last.glob("*_classification_confusion.json")):
+        source = path.name[: -len("_classification_confusion.json")]
+        written.append(_confusion_matrix(json.loads(path.read_text()), source=source, step=last.name,
+                                         path=out / f"confusion_{source}.png"))
+    return written
+
+
+def _confusion_matrix(data: dict, *, source: str, step: str, path: Path) -> Path:
+    classes, matrix = data["classes"], data["matrix"]
+    totals = [sum(row) for row in matrix]
+    # Colour by the share of each true class, so a rare class reads like a common one.
+    shares = [[count / total if total else 0.0 for count in row] for row, total in zip(matrix, totals)]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, vmin=0.0, vmax=1.0, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted class (top-1)", ylabel="true class")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize="small",
+                    color="white" if shares[i][j] > 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="share of the true class's images")
+    correct = sum(matrix[i][i] for i in range(len(matrix)))
+    ax.set_title(f"{source}: classification confusion, {step.replace('_', ' ')} "
+                 f"(top-1 {correct}/{sum(totals)})")
     return _save(fig, path)

@@ -26,6 +26,15 @@ class ModelConfig:
     norm_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # Images are zero-padded (bottom/right) to a multiple of this before the backbone.
     size_divisible: int = 32
+    # Parameters and images in channels-last (NHWC) memory: faster convolutions on tensor
+    # cores (bf16 on recent GPUs); on CPU usually slower. bench/gpu_check.sh measures it.
+    channels_last: bool = False
+
+    # Classes a sample's source does not annotate (data_pipelines/label_space.py coverage):
+    # "ignore" gives their logits no loss on its samples (softmax tasks: restricted to the
+    # source's classes); "negative" trains them as background/negatives, the naive merge,
+    # kept to measure the difference (bench/partial_classes.py).
+    unannotated_classes: Literal["ignore", "negative"] = "ignore"
 
     # detection (FCOS)
     fcos_num_convs: int = 4

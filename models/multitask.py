@@ -18,11 +18,27 @@ from models.heads import build_head
 from models.heads.base import Features
 
 
+class GradientTaps:
+    """The tensors per-task gradient statistics differentiate: the heads' losses and z as
+    computed, before :meth:`MultiTaskModel.forward` returns them (as views).
+
+    Engines hook the tensors a forward returns: DeepSpeed starts its backward bookkeeping
+    (and queues its gradient reduction) at the first backward through any of them, so
+    statistics passes taken from the returned tensors would run its epilogue before the
+    real backward. This plain class is not traversed; the passes from here touch no hook.
+    """
+
+    def __init__(self, losses: dict[str, Tensor], features: Features) -> None:
+        self.losses = losses
+        self.features = features
+
+
 class MultiTaskOutput(NamedTuple):
     losses: dict[str, Tensor]  # per task: mean over the local samples labelled for it
     counts: dict[str, int]  # per task: local labelled samples
     features: Features  # z, attached to the trunk
     head_features: Features  # what the heads ran on: z itself, or z detached
+    taps: GradientTaps | None = None  # with detached features: what gradient statistics differentiate
 
 
 class MultiTaskModel(nn.Module):
@@ -49,6 +65,8 @@ class MultiTaskModel(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(cfg.norm_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.norm_std).view(1, 3, 1, 1), persistent=False)
+        if cfg.channels_last:  # 4-d weights only; a later .to(device) keeps the layout
+            self.to(memory_format=torch.channels_last)
 
     def padded_size(self, images: Tensor) -> tuple[int, int]:
         """Size of ``images`` after padding, the frame the heads work in."""
@@ -61,6 +79,8 @@ class MultiTaskModel(nn.Module):
         x = (images - self.mean) / self.std
         # Pad after normalising, with zeros (= the mean colour), as torchvision's detectors do.
         x = F.pad(x, (0, width - images.shape[-1], 0, height - images.shape[-2]))
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
     def forward_heads(self, features: Features, batch: Batch) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -86,7 +106,12 @@ class MultiTaskModel(nn.Module):
             if detach_features else features
         )
         losses, counts = self.forward_heads(head_features, batch)
-        return MultiTaskOutput(losses=losses, counts=counts, features=features, head_features=head_features)
+        if not detach_features:
+            return MultiTaskOutput(losses=losses, counts=counts, features=features, head_features=head_features)
+        taps = GradientTaps(losses, features)
+        return MultiTaskOutput(losses={t: v.view_as(v) for t, v in losses.items()}, counts=counts,
+                               features=OrderedDict((k, v.view_as(v)) for k, v in features.items()),
+                               head_features=head_features, taps=taps)
 
     @torch.no_grad()
     def predict(self, images: Tensor, *, tasks: Sequence[str] | None = None) -> list[dict[str, Tensor]]:

@@ -5,59 +5,118 @@ Fixed balancers (``static``, the default, with ``trainer.loss_weights``; ``equal
 statistics: their coefficients are known before the step, the per-task normalisation spans
 the step's micro-batches (:mod:`trainer.task_losses`), so gradient accumulation works.
 Dynamic methods need the step's global statistics before the backward pass, so they take
-one micro-batch per step:
+one micro-batch per step. Where the per-task gradients are taken is ``balancer.statistics``:
 
-- ``representation`` mode: the heads ran on z detached from the trunk; T head-only
-  backward passes give ∂s_i/∂z (s_i = this rank's loss sum of task i), their Gram matrix,
-  loss sums and counts go through ONE all-reduce, the balancer turns the global statistics
-  into coefficients c (identical on every rank), and one backward of
-  ⟨z, Σ w_i ∂s_i/∂z⟩ + Σ w_i s_i (w_i = c_i · world / N_i) trains trunk and heads.
-- ``parameters`` mode: exact per-task gradients of the shared trunk parameters (T trunk
-  backward passes, local: ``autograd.grad`` fires no DDP hook), then one ordinary backward
-  of Σ w_i s_i.
+- ``features`` (representation space): the heads ran on z detached from the trunk; T
+  head-only backward passes give ∂s_i/∂z (s_i = this rank's loss sum of task i). Cheap,
+  but blind to conflicts between tasks labelled on different images (their z-gradients
+  sit on different rows, so their cosine is 0 by construction).
+- a cut in the trunk (``fpn``, the default for gradient methods; ``layer4``, ``layer3``;
+  ``parameters`` = the whole trunk; :mod:`models.trunk_cut`): from the same ∂s_i/∂z, one
+  vector-Jacobian product of z per (task, source) unit gives the gradients of the trunk
+  parameters from the cut up (autograd runs only the segment). These see conflicts across
+  images, and per source which datasets fight.
+
+The update is the same in every case: one backward of Σ w_i s_i (the heads) plus
+⟨z, Σ w_i ∂s_i/∂z⟩ (the trunk), with w_i = c_i · world / N_i.
+
+The Gram matrix is that of the gradients of the global mean losses: for z, local Grams add
+up exactly (each rank's z is its own block); for trunk parameters one reduce-scatter of the
+units' gradients gives each rank a slice of their rank-sums (cross-rank terms included), or
+a CountSketch approximates it. Then ONE all-reduce carries the Gram parts, loss sums and
+counts; the balancer turns the global statistics into coefficients c, identical on every rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from models.multitask import MultiTaskOutput
+from data_pipelines.schema import TASK_INDEX, Batch
+from models.trunk_cut import CUTS, segment_parameters
 from trainer.balancers import Balancer, balancer_class, balancer_names, build_balancer
 from trainer.grad_stats import (
+    CountSketch,
     GlobalStats,
+    TaskGradients,
     combine_task_gradients,
     gram_matrix,
-    parameter_gradients,
     reduce_statistics,
+    shared_gram_partial,
+    source_gram,
+    source_metrics,
+    unit_gradients,
     statistics_metrics,
     surrogate_loss,
     task_gradients_wrt,
 )
 
+# Every rank builds the same CountSketch: its seed is part of what the statistics are.
+SKETCH_SEED = 20261206
+
+STATISTICS: tuple[str, ...] = CUTS
+
+
+def _gram_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float32 accumulation (bf16/fp32 models), float64 for a float64 model."""
+    return torch.float64 if tensors and tensors[0].dtype == torch.float64 else torch.float32
+
 
 @dataclass(kw_only=True)
 class BalancerConfig:
     name: str = "static"  # static (weights: trainer.loss_weights), equal, uncertainty, dwa, gradnorm, ...
-    mode: Literal["representation", "parameters"] = "representation"
+    # Where gradient methods take per-task gradients (models.trunk_cut): features = w.r.t. the
+    # shared features z; fpn, layer4, layer3 = the trunk parameters from there up to z;
+    # parameters = every trunk parameter (the reference: a backward through the trunk per unit).
+    # Default (null): fpn for gradient methods, the cheapest cut that sees conflicts between
+    # sources (bench/balancing_speed.py: ~1.02x the step of features on the 2-rank demo).
+    statistics: str | None = None
+    # Gram of shared-parameter gradients over ranks: exact (one reduce-scatter of the T
+    # per-task gradients) or sketch (a CountSketch of sketch_dim values per task; unbiased,
+    # cosine standard error <= sqrt(2 / sketch_dim)). Statistics at z are always exact.
+    gram: Literal["exact", "sketch"] = "exact"
+    sketch_dim: int = 1024
     # Method hyper-parameters (paper defaults otherwise), e.g. {alpha: 1.5} for gradnorm.
     options: dict[str, Any] = field(default_factory=dict)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "mode": "write balancer.statistics: features (was representation), fpn, layer4, layer3 or parameters"}
 
     def __post_init__(self) -> None:
         if self.name not in balancer_names():
             raise ValueError(f"balancer.name: unknown {self.name!r}; expected one of {balancer_names()}")
+        if self.statistics is not None and self.statistics not in STATISTICS:
+            raise ValueError(f"balancer.statistics: unknown {self.statistics!r}; expected one of {list(STATISTICS)}")
         if self.name == "static" and "weights" in self.options:
             raise ValueError("balancer.options.weights: static weights are set in one place, trainer.loss_weights")
-        if not balancer_class(self.name).needs_gram and self.mode != "representation":
-            raise ValueError(f"balancer.mode={self.mode!r} would be ignored: balancer.name={self.name!r} "
-                             f"uses no gradient statistics")
+        for key, value, default in (("statistics", self.statistics, None), ("gram", self.gram, "exact")):
+            if not self.needs_gram and value != default:
+                raise ValueError(f"balancer.{key}={value!r} would be ignored: balancer.name={self.name!r} "
+                                 f"uses no gradient statistics")
+        if self.gram == "sketch" and self.where == "features":
+            raise ValueError("balancer.gram=sketch would be ignored: statistics at the features (z) are always exact; "
+                             "sketching applies to balancer.statistics=fpn, layer4, layer3 or parameters")
+        if self.gram != "sketch" and self.sketch_dim != 1024:
+            raise ValueError("balancer.sketch_dim would be ignored: it is used with balancer.gram=sketch only")
+        if self.sketch_dim < 1:
+            raise ValueError(f"balancer.sketch_dim: expected a positive number of buckets, got {self.sketch_dim}")
 
     @property
     def fixed(self) -> bool:
         """The coefficients never depend on the step (static, equal)."""
         return balancer_class(self.name).fixed
+
+    @property
+    def needs_gram(self) -> bool:
+        """A gradient method: per-task gradient passes every step."""
+        return balancer_class(self.name).needs_gram
+
+    @property
+    def where(self) -> str:
+        """``statistics`` resolved: fpn for gradient methods when not set."""
+        return self.statistics or ("fpn" if self.needs_gram else "features")
 
 
 @dataclass
@@ -76,10 +135,12 @@ class LossBalancing:
         static_weights: ``trainer.loss_weights``, the weights of ``static`` (the one place
             they are set; the config refuses them with any other balancer).
         world_size: number of data-parallel ranks.
+        source_tasks: the tasks each training source labels, in the config's source order
+            (statistics of shared parameters are then also reported per pair of sources).
     """
 
     def __init__(self, cfg: BalancerConfig, tasks: list[str], *, static_weights: dict[str, float],
-                 world_size: int) -> None:
+                 world_size: int, source_tasks: dict[str, list[str]] | None = None) -> None:
         options = dict(cfg.options)
         if cfg.name == "static":
             options["weights"] = static_weights
@@ -92,6 +153,19 @@ class LossBalancing:
         self.cfg = cfg
         self.tasks = tasks
         self.world_size = world_size
+        self._sketch: CountSketch | None = None  # built at the first step, from the parameters' sizes
+        # Units of the shared-parameter statistics: (task, source) for every source labelling
+        # the task, so that sources can be compared too; one unit per task without sources.
+        if source_tasks:
+            pairs = [(i, src) for src, labelled in source_tasks.items() for i, t in enumerate(tasks) if t in labelled]
+        else:
+            pairs = [(i, None) for i in range(len(tasks))]
+        self.unit_tasks = [i for i, _ in pairs]
+        self.unit_sources = [src for _, src in pairs]
+        self.sources = list(source_tasks or {})
+        self._units = torch.zeros(len(tasks), len(pairs), dtype=torch.float64)
+        for u, i in enumerate(self.unit_tasks):
+            self._units[i, u] = 1.0
 
     @property
     def fixed(self) -> bool:
@@ -103,25 +177,52 @@ class LossBalancing:
 
     @property
     def detach_features(self) -> bool:
-        """Whether the model should run its heads on z detached from the trunk."""
-        return self.balancer.needs_gram and self.cfg.mode == "representation"
+        """Whether the model should run its heads on z detached from the trunk (gradient
+        methods: per-task gradients w.r.t. z cost head-only backward passes)."""
+        return self.balancer.needs_gram
 
-    def balanced_loss(self, out: MultiTaskOutput, local_counts: Tensor, *, trunk: nn.Module) -> BalancedLoss:
-        """The step's loss from one forward's output (collective: one all-reduce)."""
+    def _unit_rows(self, batch: Batch, device: torch.device) -> list[tuple[int, Tensor | None]]:
+        """Per unit: its task and the bool mask of this batch's samples it holds (None: none)."""
+        rows = []
+        for task, source in zip(self.unit_tasks, self.unit_sources):
+            labelled = batch.task_mask[:, TASK_INDEX[self.tasks[task]]].tolist()
+            mask = [bool(lab) and (source is None or src == source) for lab, src in zip(labelled, batch.sources)]
+            rows.append((task, torch.tensor(mask, device=device) if any(mask) else None))
+        return rows
+
+    def _shared_gram(self, grads: TaskGradients, like: list[Tensor]) -> dict[str, Tensor | None]:
+        """This rank's part of the units' Gram of shared-parameter gradients, for
+        :func:`reduce_statistics` (collective: a reduce-scatter; none for a sketch)."""
+        if self.cfg.gram == "sketch":
+            if self._sketch is None:
+                self._sketch = CountSketch(like, dim=self.cfg.sketch_dim, seed=SKETCH_SEED)
+            return {"gram": None, "sketch": self._sketch(grads, like)}
+        return {"gram": shared_gram_partial(grads, like, world_size=self.world_size, dtype=_gram_dtype(like))}
+
+    def balanced_loss(self, out: MultiTaskOutput, batch: Batch, local_counts: Tensor, *,
+                      trunk: nn.Module) -> BalancedLoss:
+        """The step's loss from one forward's output (collective: for shared-parameter
+        statistics one reduce-scatter, then always one all-reduce)."""
         sums = {t: out.losses[t] * local_counts[i] for i, t in enumerate(self.tasks)}
         absent = (local_counts == 0).tolist()
+        z_grads, units = None, None
         if not self.balancer.needs_gram:
-            grads = None
-            gram = torch.zeros(len(self.tasks), len(self.tasks), device=local_counts.device)
-        elif self.cfg.mode == "representation":
-            grads = task_gradients_wrt(list(out.head_features.values()), sums, self.tasks, skip=absent)
-            gram = gram_matrix(grads, device=local_counts.device)
-        else:
-            shared = [p for p in trunk.parameters() if p.requires_grad]
-            gram = gram_matrix(parameter_gradients(shared, sums, self.tasks, skip=absent), device=local_counts.device)
-            grads = None
+            reduced = {"gram": torch.zeros(len(self.tasks), len(self.tasks), device=local_counts.device)}
+        else:  # from the model's taps, not its outputs (see models.multitask.GradientTaps)
+            leaves, z = list(out.head_features.values()), list(out.taps.features.values())
+            tap_sums = {t: out.taps.losses[t] * local_counts[i] for i, t in enumerate(self.tasks)}
+            z_grads = task_gradients_wrt(leaves, tap_sums, self.tasks, skip=absent)  # T head-only passes
+            if self.cfg.where == "features":
+                # Each rank's z is its own block of the global batch's z: local Grams add up exactly.
+                reduced = {"gram": gram_matrix(z_grads, dtype=_gram_dtype(leaves), device=local_counts.device)}
+            else:  # per (task, source) unit, one backward from z down to the segment's parameters
+                shared = segment_parameters(trunk, self.cfg.where)
+                grads = unit_gradients(z, z_grads, shared, self._unit_rows(batch, local_counts.device))
+                reduced = self._shared_gram(grads, shared)
+                units = self._units.to(local_counts.device)
         loss_sums = torch.stack([s.detach().float() for s in sums.values()])
-        stats = reduce_statistics(gram, loss_sums, local_counts, world_size=self.world_size)
+        stats = reduce_statistics(loss_sums=loss_sums, counts=local_counts, world_size=self.world_size,
+                                  units=units, **reduced)
         if stats.finite(with_gram=self.balancer.needs_gram):
             coefficients = self.balancer.coefficients(
                 stats.gram if self.balancer.needs_gram else None, stats.losses, present=stats.present
@@ -129,11 +230,12 @@ class LossBalancing:
         else:  # the same on every rank (global statistics): the step's gradients become
             # non-finite, the trainer skips it, and the balancer's state stays as it was
             coefficients = torch.full_like(stats.losses, float("nan"))
-        weights = stats.rank_weights(coefficients, world_size=self.world_size).float()
+        loss_dtype = torch.promote_types(loss_sums.dtype, out.losses[self.tasks[0]].dtype)  # float64 models stay exact
+        weights = stats.rank_weights(coefficients, world_size=self.world_size).to(loss_dtype)
         total = sum(weights[i] * sums[t] for i, t in enumerate(self.tasks))
-        if grads is not None:  # representation mode: the trunk gets Σ w_i ∂s_i/∂z through z
+        if z_grads is not None:  # the trunk gets Σ w_i ∂s_i/∂z through z: one backward, whatever the statistics
             z = list(out.features.values())
-            total = total + surrogate_loss(z, combine_task_gradients(grads, weights, like=z))
+            total = total + surrogate_loss(z, combine_task_gradients(z_grads, weights, like=z))
         return BalancedLoss(total=total, stats=stats, coefficients=coefficients)
 
     def state_dict(self) -> dict[str, Any]:
@@ -144,4 +246,8 @@ class LossBalancing:
         self.balancer.load_state_dict(state)
 
     def metrics(self, step: BalancedLoss) -> dict[str, float]:
-        return {**statistics_metrics(step.stats, self.tasks, step.coefficients), **self.balancer.monitor()}
+        row = {**statistics_metrics(step.stats, self.tasks, step.coefficients), **self.balancer.monitor()}
+        if step.stats.unit_gram is not None and len(self.sources) > 1:
+            gram = source_gram(step.stats, step.coefficients, self.unit_tasks, self.unit_sources, self.sources)
+            row.update(source_metrics(gram, self.sources))
+        return row

@@ -153,6 +153,9 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
+        renamed = getattr(cls, "RENAMED_KEYS", {})  # old key -> what to write instead
+        if unknown[0] in renamed:
+            raise ConfigError(f"{where}: renamed; {renamed[unknown[0]]}")
         raise ConfigError(f"{where}: unknown key; expected one of {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():

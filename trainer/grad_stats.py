@@ -1,31 +1,31 @@
 """Per-task gradient statistics for dynamic loss balancing, reduced over all ranks.
 
-Two ways to get the per-task gradients g_i:
-
-- ``representation`` mode: the heads run on the shared features z *detached* from the
-  trunk (:func:`detached_features`); :func:`task_gradients_wrt` takes T backward passes
-  through the heads only, giving ∂L_i/∂z; the trunk then gets one backward with the
-  combined gradient Σ c_i g_i (:func:`combine_task_gradients`, back-propagated from z
-  directly or through :func:`surrogate_loss`) — its cost does not grow with T. (For MGDA
-  this is the paper's upper-bound variant, MGDA-UB.)
-- ``parameters`` mode: :func:`parameter_gradients` gives the exact per-task gradients of
-  the shared parameters (T backward passes through the trunk).
-
-Each rank forms the Gram matrix of its local gradients (:func:`gram_matrix`);
-:func:`reduce_statistics` sums it, the loss sums and the labelled counts over the ranks
-with ONE all-reduce of one packed float64 tensor, run by every rank every step whatever
-its batch holds (collectives must match), and derives everything else from the sums.
-The balancers (:mod:`trainer.balancers`) see only these global statistics.
+The per-task gradients w.r.t. the shared features z come from T head-only passes
+(:func:`task_gradients_wrt`: one ``torch.autograd.grad`` per task, which accumulates nothing
+into ``.grad`` and fires no DDP reducer hook). Gradients of shared trunk parameters follow
+from them by one vector-Jacobian product of z per (task, source) unit
+(:func:`unit_gradients`), through the trunk segment only; :mod:`trainer.balancing` says which
+parameters (``balancer.statistics``).
 
 What the global Gram matrix is. Each rank passes the gradients of its local loss *sums*
 (local mean × local count) for task i, s_i^r. The global mean loss of task i is
-L_i = Σ_r s_i^r / N_i. In representation mode each rank's z is its own block of the
-global batch's z, so ∇_z L_i is the concatenation of the blocks ∇_{z_r} s_i^r / N_i and
-    K_ij = ⟨∇L_i, ∇L_j⟩ = Σ_r ⟨∇s_i^r, ∇s_j^r⟩ / (N_i N_j)
-exactly: the Gram matrix of the gradients of the global mean losses, as one big batch
-would give it. In parameters mode the ranks share the parameters, ∇_θ L_i = Σ_r ∇_θ s_i^r / N_i
-and the cross-rank terms ⟨∇s_i^r, ∇s_j^q⟩ (r ≠ q) are missing from the sum: the result is
-exact with one rank, and otherwise the Gram matrix of the rank-stacked gradients.
+L_i = Σ_r s_i^r / N_i, and K_ij = ⟨∇L_i, ∇L_j⟩ is the Gram matrix one process with the
+whole global batch would compute:
+
+- At z, each rank's z is its own block of the global batch's z, so ∇_z L_i is the
+  concatenation of the blocks ∇_{z_r} s_i^r / N_i and K_ij = Σ_r ⟨∇s_i^r, ∇s_j^r⟩ / (N_i N_j):
+  local Gram matrices (:func:`gram_matrix`) add up exactly.
+- For parameters, which the ranks share, ∇_θ L_i = Σ_r ∇_θ s_i^r / N_i and the cross-rank
+  terms ⟨∇s_i^r, ∇s_j^q⟩ (r ≠ q) matter: summing local Grams would drop them.
+  :func:`shared_gram_partial` reduce-scatters the gradients so that each rank holds the
+  rank-sum of a slice and forms that slice's Gram; those add up exactly. A
+  :class:`CountSketch` instead exchanges T × k values and estimates the Gram unbiasedly.
+
+:func:`reduce_statistics` then sums the Gram parts (or sketches), the loss sums and the
+labelled counts over the ranks with ONE all-reduce of one packed float64 tensor, run by
+every rank every step whatever its batch holds (collectives must match), and derives
+everything else from the sums. The balancers (:mod:`trainer.balancers`) see only these
+global statistics.
 
 bf16 autocast: the gradients may be bf16; the Gram matrix is accumulated in float32 (or
 float64) and everything after it is float64.
@@ -74,15 +74,29 @@ def task_gradients_wrt(features: Sequence[Tensor], losses: Mapping[str, Tensor],
     return out
 
 
-def parameter_gradients(params: Sequence[Tensor], losses: Mapping[str, Tensor], tasks: Sequence[str], *,
-                        skip: Sequence[bool] | None = None) -> TaskGradients:
-    """``parameters`` mode: the exact per-task gradients of the shared ``params`` (T
-    backward passes through the trunk; same conventions as :func:`task_gradients_wrt`).
-    ``torch.autograd.grad`` accumulates nothing into ``.grad`` and fires no DDP reducer
-    hook (checked with DDP on gloo), so these passes are local without ``no_sync()``; the
-    update is then one ordinary, synchronising backward of Σ_i w_i s_i with the weights of
-    :meth:`GlobalStats.rank_weights`."""
-    return task_gradients_wrt(params, losses, tasks, skip=skip)
+def unit_gradients(features: Sequence[Tensor], feature_grads: TaskGradients, params: Sequence[Tensor],
+                   rows: Sequence[tuple[int, Tensor | None]]) -> TaskGradients:
+    """Per *unit* (task i, a set of samples): the gradient of task i's loss sum over those
+    samples w.r.t. shared ``params`` — one vector-Jacobian product of the shared ``features``
+    (z, attached to the trunk) with ∂s_i/∂z kept on the unit's rows only (linear: the units
+    of a task add up to its gradient). ``rows``: per unit, (task index, bool [B] mask on
+    the features' device, or None when the unit has no local sample).
+
+    The backward pass runs from z down to ``params`` only (autograd executes just the
+    nodes on a path to the requested inputs), through no head; like every
+    ``autograd.grad`` here it accumulates nothing and fires no DDP hook. None for a unit
+    without a local sample or whose task has no gradient."""
+    out: TaskGradients = []
+    for task, mask in rows:
+        grads = feature_grads[task]
+        if grads is None or mask is None or not params:
+            out.append(None)
+            continue
+        masked = [g * mask.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for g in grads]
+        got = torch.autograd.grad(list(features), list(params), grad_outputs=masked, retain_graph=True,
+                                  allow_unused=True)
+        out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, got)])
+    return out
 
 
 def gram_matrix(grads: TaskGradients, *, dtype: torch.dtype = torch.float32,
@@ -107,15 +121,79 @@ def gram_matrix(grads: TaskGradients, *, dtype: torch.dtype = torch.float32,
     return gram
 
 
+def flat_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, dtype: torch.dtype) -> Tensor:
+    """[T, P]: each task's gradients concatenated in the order of ``like`` (zeros for None)."""
+    size = sum(x.numel() for x in like)
+    device = like[0].device if like else torch.device("cpu")
+    flat = torch.zeros(len(grads), size, dtype=dtype, device=device)
+    for row, task_grads in zip(flat, grads):
+        if task_grads is not None:
+            torch.cat([g.reshape(-1).to(dtype) for g in task_grads], out=row)
+    return flat
+
+
+def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_size: int,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """This rank's share of the Gram matrix of Σ_r g_i^r, the per-task gradients of the
+    ranks' *shared* parameters summed over the ranks (cross-rank terms included).
+
+    One reduce-scatter of the [T, P] gradients: each rank receives the rank-sum of a 1/W
+    slice of the parameters and forms that slice's [T, T] Gram; the slices' Grams add up
+    (in :func:`reduce_statistics`' all-reduce) to the Gram of the summed gradients. Half
+    the bytes of an all-reduce of the gradients, and 1/W of the Gram's flops per rank.
+    Collective when ``world_size`` > 1: every rank calls it, whatever its batch holds."""
+    flat = flat_task_gradients(grads, like, dtype=dtype)
+    if world_size == 1:
+        return flat @ flat.T
+    count, size = flat.shape
+    chunk = -(-size // world_size)
+    padded = torch.nn.functional.pad(flat, (0, chunk * world_size - size))
+    # [T, W, chunk] -> [W, T, chunk]: rank r's input block r is the r-th slice of every task.
+    blocks = padded.reshape(count, world_size, chunk).transpose(0, 1).contiguous()
+    mine = torch.empty(count * chunk, dtype=dtype, device=flat.device)  # gloo: flat tensors only
+    dist.reduce_scatter_single(mine, blocks.reshape(-1))  # reduce_scatter_tensor, as torch 2.14 names it
+    mine = mine.reshape(count, chunk)
+    return mine @ mine.T
+
+
+class CountSketch:
+    """A linear sketch of per-task gradients: coordinate p goes to bucket h(p) with sign
+    s(p), the same seeded (h, s) on every rank, so sketches add over ranks like gradients.
+
+    For vectors a, b and k buckets, ⟨Sa, Sb⟩ is an unbiased estimate of ⟨a, b⟩ with
+    Var = (‖a‖²‖b‖² + ⟨a,b⟩² − 2 Σ_p a_p² b_p²) / k ≤ (‖a‖²‖b‖² + ⟨a,b⟩²) / k:
+    a cosine's standard error is at most √((1 + cos²)/k) ≤ √(2/k) (0.044 at k = 1024).
+    The ranks exchange T × k values instead of T × P.
+    """
+
+    def __init__(self, like: Sequence[Tensor], *, dim: int, seed: int = 0) -> None:
+        size = sum(x.numel() for x in like)
+        gen = torch.Generator().manual_seed(seed)
+        device = like[0].device if like else torch.device("cpu")
+        self.dim = dim
+        self.size = size
+        self.bucket = torch.randint(dim, (size,), generator=gen).to(device)
+        self.sign = (torch.randint(2, (size,), generator=gen, dtype=torch.int8) * 2 - 1).to(device)
+
+    def __call__(self, grads: TaskGradients, like: Sequence[Tensor], *, dtype: torch.dtype = torch.float64) -> Tensor:
+        """[T, k] sketches of the per-task gradients (rows of zeros for None)."""
+        flat = flat_task_gradients(grads, like, dtype=dtype)
+        if flat.shape[1] != self.size:
+            raise ValueError(f"CountSketch: built for {self.size} values, given {flat.shape[1]}")
+        out = torch.zeros(flat.shape[0], self.dim, dtype=dtype, device=flat.device)
+        return out.index_add_(1, self.bucket, flat * self.sign.to(dtype))
+
+
 def combine_task_gradients(grads: TaskGradients, weights: Tensor, *, like: Sequence[Tensor]) -> list[Tensor]:
     """Σ_i weights[i] · grads[i], one tensor per entry of ``like`` (shape and dtype; zeros
     when no task contributes, so that every rank can run the trunk backward)."""
-    out = [torch.zeros_like(x, dtype=torch.float32) for x in like]
-    for weight, task_grads in zip(weights.to(torch.float32), grads):
+    # At least float32 (bf16 gradients), float64 for a float64 model.
+    out = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in like]
+    for i, task_grads in enumerate(grads):
         if task_grads is None:
             continue
         for acc, g in zip(out, task_grads):
-            acc.add_(g.to(torch.float32) * weight)  # a device scalar: no host sync
+            acc.add_(g.to(acc.dtype) * weights[i].to(acc.dtype))  # a device scalar: no host sync
     return [acc.to(x.dtype) for acc, x in zip(out, like)]
 
 
@@ -139,6 +217,7 @@ class GlobalStats:
     norms: Tensor  # [T] gradient norms, sqrt(diag(gram))
     cosine: Tensor  # [T, T] pairwise cosine similarities (0 where a norm is 0)
     conflict_fraction: Tensor  # [] fraction of pairs of nonzero gradients with cosine < 0
+    unit_gram: Tensor | None = None  # [U, U] rank-summed Gram of (task, source) units' loss-sum gradients
 
     def finite(self, *, with_gram: bool) -> bool:
         """Whether the losses (and the Gram matrix) are finite; one host sync."""
@@ -154,34 +233,72 @@ class GlobalStats:
         return torch.where(self.present, weights, 0.0)
 
 
-def reduce_statistics(gram: Tensor, loss_sums: Tensor, counts: Tensor, *, world_size: int) -> GlobalStats:
-    """Global statistics from this rank's ``gram`` (of the gradients of its local loss
-    sums), ``loss_sums`` (Σ of its per-sample losses, = local mean × count) and ``counts``
-    (labelled samples), with exactly one all-reduce when ``world_size`` > 1."""
+def reduce_statistics(gram: Tensor | None, loss_sums: Tensor, counts: Tensor, *, world_size: int,
+                      sketch: Tensor | None = None, units: Tensor | None = None) -> GlobalStats:
+    """Global statistics from this rank's ``gram`` (its share of the Gram matrix of the
+    gradients of the loss *sums*: of its own gradients in representation space, or its
+    slice from :func:`shared_gram_partial`) or ``sketch`` (its [T, k] :class:`CountSketch`
+    of its gradients of shared parameters), ``loss_sums`` (Σ of its per-sample losses, =
+    local mean × count) and ``counts`` (labelled samples), with exactly one all-reduce when
+    ``world_size`` > 1. ``units`` ([T, U], 0/1): the Gram's rows are U units (task, source)
+    of the T tasks; a task's gradient is the sum of its units'."""
     count = loss_sums.shape[0]
-    if tuple(gram.shape) != (count, count) or tuple(counts.shape) != (count,):
-        raise ValueError(f"shapes: gram {tuple(gram.shape)}, loss_sums {tuple(loss_sums.shape)}, counts {tuple(counts.shape)}")
+    if (gram is None) == (sketch is None):
+        raise ValueError("reduce_statistics: give exactly one of gram and sketch")
+    reduced = gram if sketch is None else sketch
+    rows = count if units is None else units.shape[1]
+    if (sketch is None and tuple(reduced.shape) != (rows, rows)) or reduced.shape[0] != rows \
+            or tuple(counts.shape) != (count,) or (units is not None and units.shape[0] != count):
+        raise ValueError(f"shapes: {'gram' if sketch is None else 'sketch'} {tuple(reduced.shape)}, "
+                         f"loss_sums {tuple(loss_sums.shape)}, counts {tuple(counts.shape)}")
     device = loss_sums.device
     packed = torch.cat([
-        gram.detach().to(device, torch.float64).reshape(-1),
+        reduced.detach().to(device, torch.float64).reshape(-1),
         loss_sums.detach().to(device, torch.float64),
         counts.detach().to(device, torch.float64),
     ])
     if world_size > 1:
         dist.all_reduce(packed)
-    sums_gram = packed[: count * count].reshape(count, count)
-    total_loss, total_count = packed[count * count: count * count + count], packed[count * count + count:]
+    size = reduced.numel()
+    sums_gram = packed[:size].reshape(reduced.shape)
+    if sketch is not None:
+        sums_gram = sums_gram @ sums_gram.T
+    unit_gram = None
+    if units is not None:
+        unit_gram = sums_gram
+        sums_gram = units.to(sums_gram) @ unit_gram @ units.to(sums_gram).T
+    total_loss, total_count = packed[size: size + count], packed[size + count:]
     present = total_count > 0
     denom = total_count.clamp(min=1)
     global_gram = torch.where(present[:, None] & present[None, :], sums_gram / (denom[:, None] * denom[None, :]), 0.0)
     norms = global_gram.diagonal().clamp(min=0).sqrt()
+    cosine, conflict_fraction = cosines(global_gram)
+    return GlobalStats(gram=global_gram, losses=total_loss / denom, counts=total_count, present=present,
+                       norms=norms, cosine=cosine, conflict_fraction=conflict_fraction, unit_gram=unit_gram)
+
+
+def cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise cosines of a Gram matrix (0 where a norm is 0) and the fraction of pairs of
+    nonzero vectors with a negative cosine."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
     nonzero = norms > 0
     pair = nonzero[:, None] & nonzero[None, :]
-    cosine = torch.where(pair, global_gram / (norms[:, None] * norms[None, :]).clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    cosine = torch.where(pair, gram / (norms[:, None] * norms[None, :]).clamp(min=torch.finfo(gram.dtype).tiny), 0.0)
     upper = torch.triu(pair, diagonal=1)
-    conflict_fraction = (upper & (cosine < 0)).sum().double() / upper.sum().clamp(min=1)
-    return GlobalStats(gram=global_gram, losses=total_loss / denom, counts=total_count, present=present,
-                       norms=norms, cosine=cosine, conflict_fraction=conflict_fraction)
+    return cosine, (upper & (cosine < 0)).sum().double() / upper.sum().clamp(min=1)
+
+
+def source_gram(stats: GlobalStats, coefficients: Tensor, unit_tasks: Sequence[int], unit_sources: Sequence[str],
+                sources: Sequence[str]) -> Tensor:
+    """[S, S] Gram of the sources' parts of the step's update: source s contributes
+    Σ_{units (i, s)} c_i ∇s_i^(s) / N_i (its samples' share of Σ_i c_i ∇L_i)."""
+    if stats.unit_gram is None:
+        raise ValueError("source_gram: the statistics were not taken per (task, source) unit")
+    scale = coefficients.to(stats.counts) / stats.counts.clamp(min=1)
+    weights = torch.zeros(len(sources), len(unit_tasks), dtype=stats.unit_gram.dtype, device=stats.unit_gram.device)
+    for u, (task, source) in enumerate(zip(unit_tasks, unit_sources)):
+        weights[sources.index(source), u] = scale[task]
+    return weights @ stats.unit_gram @ weights.T
 
 
 def statistics_metrics(stats: GlobalStats, tasks: Sequence[str], coefficients: Tensor) -> dict[str, float]:
@@ -194,4 +311,15 @@ def statistics_metrics(stats: GlobalStats, tasks: Sequence[str], coefficients: T
         for j in range(i + 1, len(tasks)):
             row[f"balancer/cos/{a}/{tasks[j]}"] = cosine[i][j]
     row["balancer/conflict_fraction"] = float(stats.conflict_fraction)
+    return row
+
+
+def source_metrics(gram: Tensor, sources: Sequence[str]) -> dict[str, float]:
+    """Scalars for the metrics log: cosines between the sources' parts of the update (which
+    datasets fight) and the fraction of conflicting pairs of sources."""
+    cosine, conflict = cosines(gram)
+    cos = cosine.tolist()
+    row = {f"balancer/source_cos/{a}/{sources[j]}": cos[i][j]
+           for i, a in enumerate(sources) for j in range(i + 1, len(sources))}
+    row["balancer/source_conflict_fraction"] = float(conflict)
     return row

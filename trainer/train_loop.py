@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data_pipelines.label_space import coverage_lines
 from data_pipelines.streaming.audit import AuditWriter, cut_audit_trails
 from data_pipelines.streaming.loader import build_train_loader
 from data_pipelines.schema import Batch
@@ -99,14 +100,20 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         self.loader, self.label_space, self.manifests = build_train_loader(
-            cfg.data, rank=dist_info.rank, world_size=dist_info.world_size
+            cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=self.device
         )
+        coverage = coverage_lines(self.label_space.coverage_table(self.manifests))
+        if dist_info.is_main:
+            log.info("label coverage, source: task covered/label-space size (what a source does not annotate "
+                     "gets no loss on its samples):\n  %s", "\n  ".join(coverage))
         model = build_model(cfg.model, num_classes=self.label_space.num_classes()).to(self.device)
         self.tasks: list[str] = list(cfg.model.tasks)
         self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=cfg.trainer.loss_weights,
-                                       world_size=dist_info.world_size)
+                                       world_size=dist_info.world_size,
+                                       source_tasks={m.name: list(m.tasks) for m in self.manifests})
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
-                                     micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save)
+                                     micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save,
+                                     checkpoint_format=cfg.checkpoint.format)
         self.progress = TrainProgress()
         # What a checkpoint holds beside the backend's model, optimizer and schedule.
         self.parts = {
@@ -127,7 +134,12 @@ class Trainer:
         wandb_run_id = self._maybe_resume()
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            # Coverage is derived from the manifests, not a setting: comments keep the file a loadable config.
+            coverage_note = "".join(f"#   {line}\n" for line in coverage)
+            (self.run_dir / "config.yaml").write_text(
+                f"{dump_yaml(cfg)}# label coverage (source: task covered/label-space size; derived from the "
+                f"manifests):\n{coverage_note}"
+            )
         if dist_info.is_main:  # the steps a resume discards leave the trail too (audit off or on)
             cut_audit_trails(self.run_dir, after_step=self.step)
         dist.barrier()  # cut before any rank appends
@@ -308,7 +320,7 @@ class Trainer:
             with self._autocast():
                 out = self.backend.model(batch, detach_features=self.balancing.detach_features)
             local_counts = local_task_counts(batch, self.tasks)
-            balanced = self.balancing.balanced_loss(out, local_counts, trunk=self.backend.module.backbone)
+            balanced = self.balancing.balanced_loss(out, batch, local_counts, trunk=self.backend.module.backbone)
             self.backend.backward(balanced.total)
         loss_sums = torch.stack([out.losses[t].detach().float() for t in self.tasks]) * local_counts
         return {"loss_sums": loss_sums, "global_count": balanced.stats.counts.float(),
@@ -425,6 +437,8 @@ class Trainer:
         for name, n in zip(window.sources, images.tolist()):
             row[f"throughput/{name}/images_per_s"] = n / elapsed
         row["time/data_wait_frac"] = window.data_wait / elapsed
+        if self.device.type == "cuda":  # this rank's peak since the start (bench/gpu_check.sh reports it)
+            row["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.dist.is_main:  # rank 0's own stream: consumed samples, epochs, realised mix; bad ones of all ranks
             row.update(self.loader.data_metrics(bad_samples=bad_samples))
         if self.slurm:

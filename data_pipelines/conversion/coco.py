@@ -12,6 +12,8 @@ from data_pipelines.conversion.images import inspect_image, require_dir
 from data_pipelines.conversion.shard_writer import (
     DEFAULT_BAD_SAMPLE_POLICY,
     DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_ORDER,
+    DEFAULT_ORDER_SEED,
     DEFAULT_SHARD_MAX_BYTES,
     DEFAULT_SHARD_MAX_SAMPLES,
     DEFAULT_WORKERS,
@@ -56,6 +58,8 @@ def convert_coco(
     workers: int = DEFAULT_WORKERS,
     bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    order: str = DEFAULT_ORDER,
+    order_seed: int = DEFAULT_ORDER_SEED,
     keypoint_sigmas: Sequence[float] | None = None,
 ) -> Manifest:
     """Convert a COCO instances or person-keypoints style source.
@@ -83,6 +87,9 @@ def convert_coco(
         bad_sample_policy, max_bad_fraction: what to do with bad images and
             annotations, see the module docstring.
         keypoint_sigmas: OKS sigmas, one per keypoint (finite, > 0), over the category's.
+        order, order_seed: ``"shuffled"`` (default): samples go to shards in a seeded random
+            order, so that no shard holds one class or one stretch of a collection;
+            ``"original"``: in the json's order. Both are recorded in the manifest.
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
@@ -138,6 +145,8 @@ def convert_coco(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        order=order,
+        order_seed=order_seed,
         skipped=bad.summary(records) if bad.problems else None,
         # The original, byte for byte: evaluation scores as pycocotools on it would.
         copies={GROUND_TRUTH_NAME: annotation_file},

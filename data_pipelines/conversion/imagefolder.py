@@ -8,6 +8,8 @@ from data_pipelines.conversion.images import image_files, inspect_image, require
 from data_pipelines.conversion.shard_writer import (
     DEFAULT_BAD_SAMPLE_POLICY,
     DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_ORDER,
+    DEFAULT_ORDER_SEED,
     DEFAULT_SHARD_MAX_BYTES,
     DEFAULT_SHARD_MAX_SAMPLES,
     DEFAULT_WORKERS,
@@ -31,6 +33,8 @@ def convert_image_folder(
     workers: int = DEFAULT_WORKERS,
     bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    order: str = DEFAULT_ORDER,
+    order_seed: int = DEFAULT_ORDER_SEED,
 ) -> Manifest:
     """Convert an ImageFolder source, ``root/<class_name>/<image>``.
 
@@ -41,7 +45,7 @@ def convert_image_folder(
     Args:
         root: the directory holding one sub-directory per class.
         out_dir, name, shard_max_samples, shard_max_bytes, workers, bad_sample_policy,
-            max_bad_fraction: as in :func:`convert_coco`.
+            max_bad_fraction, order, order_seed: as in :func:`convert_coco`.
 
     Returns:
         The saved manifest, its ``root`` set to ``out_dir``.
@@ -80,5 +84,7 @@ def convert_image_folder(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        order=order,
+        order_seed=order_seed,
         skipped=bad.summary(len(files)) if bad.problems else None,
     )

@@ -12,6 +12,8 @@ from data_pipelines.conversion.images import image_files, inspect_image, require
 from data_pipelines.conversion.shard_writer import (
     DEFAULT_BAD_SAMPLE_POLICY,
     DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_ORDER,
+    DEFAULT_ORDER_SEED,
     DEFAULT_SHARD_MAX_BYTES,
     DEFAULT_SHARD_MAX_SAMPLES,
     DEFAULT_WORKERS,
@@ -39,6 +41,8 @@ def convert_semantic(
     workers: int = DEFAULT_WORKERS,
     bad_sample_policy: str = DEFAULT_BAD_SAMPLE_POLICY,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    order: str = DEFAULT_ORDER,
+    order_seed: int = DEFAULT_ORDER_SEED,
 ) -> Manifest:
     """Convert a VOC-style semantic segmentation source.
 
@@ -50,7 +54,7 @@ def convert_semantic(
     Args:
         images_dir, masks_dir: the two directories (searched recursively).
         out_dir, name, shard_max_samples, shard_max_bytes, workers, bad_sample_policy,
-            max_bad_fraction: as in :func:`convert_coco`.
+            max_bad_fraction, order, order_seed: as in :func:`convert_coco`.
         classes: class names, index = pixel value (0 is usually background).
 
     Returns:
@@ -96,6 +100,8 @@ def convert_semantic(
         shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes,
         workers=workers,
+        order=order,
+        order_seed=order_seed,
         skipped=bad.summary(len(mask_paths)) if bad.problems else None,
     )
 

@@ -1,9 +1,15 @@
-"""The one shard writer every converter ends with: plan shards in input order, write them
-in parallel (each under a temporary name, renamed when complete), then ``manifest.json``
-last. Also the thread pool and per-item error capture the converters share.
+"""The one shard writer every converter ends with: put the samples in a seeded random order
+(``order="shuffled"``, the default) or keep the input's (``"original"``), plan shards in
+that order, write them in parallel (each under a temporary name, renamed when complete),
+then ``manifest.json`` last, which records the order and its seed. Also the thread pool and
+per-item error capture the converters share.
 
-Shard contents are a pure function of the input: samples go to shards in a fixed order
-whatever the number of workers, and tar headers carry fixed times and owners.
+Why shuffle: inputs are often sorted (an ImageFolder class by class, COCO by image id,
+which follows collection order); written in that order, a shard holds one class, and the
+loader's sequential reads could only mix a few shards at a time.
+
+Shard contents are a pure function of the input and the seed: samples go to shards in a
+fixed order whatever the number of workers, and tar headers carry fixed times and owners.
 """
 from __future__ import annotations
 
@@ -17,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import webdataset as wds
 from tqdm import tqdm
 
-from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from data_pipelines.manifest import MANIFEST_NAME, SAMPLE_ORDERS, Manifest, ShardInfo
+from data_pipelines.streaming.seeding import permutation
 
 DEFAULT_SHARD_MAX_SAMPLES = 1000
 DEFAULT_SHARD_MAX_BYTES = 256 * 2**20
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 DEFAULT_BAD_SAMPLE_POLICY = "raise"
+DEFAULT_ORDER = "shuffled"
+DEFAULT_ORDER_SEED = 0
 DEFAULT_MAX_BAD_FRACTION = 0.01  # as the training loader's data.max_bad_fraction
 SKIPPED_NAME = "skipped.json"  # under policy skip: the records left out, and why
 
@@ -65,8 +73,11 @@ def write_source(
     workers: int,
     skipped: dict | None = None,
     copies: dict[str, Path] | None = None,
+    order: str = DEFAULT_ORDER,
+    order_seed: int = DEFAULT_ORDER_SEED,
 ) -> Manifest:
-    """Plan shards, check the manifest, write shards, then save the manifest.
+    """Order the samples (``order``, ``order_seed``), plan shards, check the manifest, write
+    shards, then save the manifest.
 
     ``where`` (the source's file or directory) prefixes error messages; ``skipped``
     (``BadRecords.summary``) is saved as ``skipped.json``, and each of ``copies`` (name in
@@ -77,6 +88,11 @@ def write_source(
         if sample.key in keys:
             raise ValueError(f"{where}: two images map to the same shard key {sample.key!r}; rename one")
         keys.add(sample.key)
+    if order not in SAMPLE_ORDERS:
+        raise ValueError(f"{where}: order {order!r} is not one of {list(SAMPLE_ORDERS)}")
+    if order == "shuffled":
+        samples = [samples[i] for i in permutation(len(samples), seed=order_seed)]
+    manifest.order, manifest.order_seed = order, order_seed if order == "shuffled" else None
     plan = _plan_shards(samples, max_samples=shard_max_samples, max_bytes=shard_max_bytes)
     shard_paths = [out_dir / f"{manifest.name}-{i:06d}.tar" for i in range(len(plan))]
     manifest.shards = [ShardInfo(path=p.name, num_samples=len(s)) for p, s in zip(shard_paths, plan)]
@@ -128,6 +144,8 @@ def _plan_shards(samples: list[Sample], *, max_samples: int, max_bytes: int) -> 
 
 def _write_shard(job: tuple[Path, list[Sample]]) -> int:
     """Write one shard under a temporary name and rename it; returns its size in bytes."""
+    import webdataset as wds  # here, not at the top: it imports torch, which `polytask data --help` must not wait for
+
     path, samples = job
     tmp = _temporary(path)
     with open(tmp, "wb") as stream:

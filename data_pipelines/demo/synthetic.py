@@ -9,11 +9,18 @@ only some tasks (``DEMO_TASKS``), laid out per split like the real thing::
                                       /annotations.json   COCO instances
     <out_dir>/shapes_keypoints/<split>/images/<NNNNNN>.jpg
                                       /annotations.json   COCO person-keypoints style
+                                      /unannotated.json   the shapes drawn there but not
+                                                          annotated (not read by converters)
     <out_dir>/shapes_semantic/<split>/images/<NNNNNN>.jpg
                                      /masks/<NNNNNN>.png  VOC style: palette PNG, pixel =
                                                           class id, 255 = object boundary
                                      /classes.json        class names, index 0 = background
     <out_dir>/shapes_classes/<split>/<class_name>/<NNNNNN>.jpg   ImageFolder
+
+Partial annotation, as between real datasets: the keypoint images also hold shapes of the
+instance source's classes (circle, square, triangle) that the keypoint source, which
+annotates figures only, leaves unlabelled. Training them as background there would teach
+the detector to miss them (bench/partial_classes.py measures it).
 
 COCO does not carry keypoint flip pairs or OKS sigmas, so the keypoints category holds them
 as two extra keys, ``"flip_map"`` ([left, right] name pairs) and ``"sigmas"``; COCO tools
@@ -176,8 +183,11 @@ def _crowd_annotation(
 
 
 def _write_keypoints(split_dir: Path, rng: np.random.Generator, count: int, size: int) -> None:
-    """COCO person-keypoints style: stick figures, some truncated (v=0) or occluded (v=1)."""
-    images, annotations = [], []
+    """COCO person-keypoints style: stick figures, some truncated (v=0) or occluded (v=1);
+    beside them, unannotated shapes (listed in ``unannotated.json``)."""
+    images, annotations, unannotated = [], [], []
+    # Its own stream (spawning leaves ``rng``'s untouched): the figures stay as they were.
+    shape_rng = rng.spawn(1)[0]
     for index in range(count):
         image_id = index + 1
         canvas, draw = _canvas(rng, size)
@@ -217,8 +227,16 @@ def _write_keypoints(split_dir: Path, rng: np.random.Generator, count: int, size
                 "area": float(visible.sum()),
                 "bbox": _mask_bbox(visible),
             })
+        # Clear of the figures (discs of their reach), so no figure pixel or keypoint changes.
+        for cx, cy, r in _place_discs(shape_rng, size, int(shape_rng.integers(1, 3)),
+                                      radius=(0.08 * size, 0.16 * size), avoid=discs):
+            shape = SHAPES[int(shape_rng.integers(len(SHAPES)))]
+            polygon = _shape_polygon(shape, cx, cy, r, shape_rng.uniform(0, 2 * math.pi))
+            draw.polygon(polygon, fill=_contrasting_colour(shape_rng, _mean_colour(canvas, polygon)))
+            unannotated.append({"image_id": image_id, "name": shape, "bbox": _mask_bbox(_rasterize([polygon], size))})
         file_name = _save_jpeg(canvas, split_dir / "images", index, rng)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+    (split_dir / "unannotated.json").write_text(json.dumps(unannotated))
     category = {
         "id": 1,
         "name": "figure",

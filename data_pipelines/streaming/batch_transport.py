@@ -7,10 +7,14 @@ a few boxes. The worker therefore writes the whole batch, images as uint8 and ev
 per-sample target packed per key, into one shared-memory buffer; the trainer's process
 takes views of it and converts the images to float32 there (a quarter of the bytes to
 share; the same arithmetic as ``collate``, so both give the same :class:`Batch`).
+For a CUDA trainer the buffer is pinned (the loader's pin-memory thread calls
+:meth:`PackedBatch.pin_memory`) and crosses to the device in one non-blocking copy;
+the views and the float conversion are then made on the device (uint8: a quarter of
+the bytes a float32 batch would move).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -48,6 +52,11 @@ class PackedBatch:
     sources: list[str]
     # target key -> (indices of the samples that have it, their row counts, where the packed tensor lies)
     targets: dict[str, tuple[list[int], list[int], Slot]]
+
+    def pin_memory(self) -> "PackedBatch":
+        """The same batch with its buffer in page-locked memory (called by the data loader's
+        pin-memory thread), so that the copy to the GPU is asynchronous."""
+        return replace(self, buffer=self.buffer.pin_memory())
 
 
 def pack(samples: list[dict]) -> PackedBatch:
@@ -96,19 +105,23 @@ def pack(samples: list[dict]) -> PackedBatch:
                        targets)
 
 
-def unpack(packed: PackedBatch) -> Batch:
-    """The :class:`Batch` ``collate`` would have made of the same samples. Targets are
-    views of the buffer (``.clone()`` one to keep it past the step without the buffer)."""
+def unpack(packed: PackedBatch, *, device: torch.device | str | None = None) -> Batch:
+    """The :class:`Batch` ``collate`` would have made of the same samples, on ``device``
+    (None: where the buffer is). Targets are views of the buffer (``.clone()`` one to keep
+    it past the step without the buffer). Another device gets the whole buffer in one
+    non-blocking copy, and the images are converted to float there."""
+    buffer = packed.buffer if device is None else packed.buffer.to(device, non_blocking=True)
     targets: list[dict[str, torch.Tensor]] = [{} for _ in packed.keys]
     for key, (have, counts, slot) in packed.targets.items():
-        values = slot.view(packed.buffer)
+        values = slot.view(buffer)
         parts = values.unbind(0) if key in _PER_SAMPLE else values.split(counts)
         for i, part in zip(have, parts):
             targets[i][key] = part
+    images = packed.images.view(buffer)
     return Batch(
-        images=images_to_float(packed.images.view(packed.buffer)),
+        images=images_to_float(images, out=torch.empty(images.shape, dtype=torch.float32, device=buffer.device)),
         targets=targets,
-        task_mask=packed.task_mask.view(packed.buffer),
+        task_mask=packed.task_mask.view(buffer),
         keys=packed.keys,
         sources=packed.sources,
     )

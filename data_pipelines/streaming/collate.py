@@ -15,6 +15,11 @@ TARGET_KEYS: tuple[str, ...] = (
     "keypoint_visibility",
     "semantic",
     "class_label",
+    # Coverage vectors (schema.COVERAGE_KEYS), present only for sources that annotate part
+    # of a task's classes; batch_transport carries them as it carries per-instance rows.
+    "thing_coverage",
+    "semantic_coverage",
+    "class_coverage",
 )
 
 

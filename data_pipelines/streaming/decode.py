@@ -104,11 +104,16 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
         sample["masks"] = _instance_masks(anns, frame)
     if "keypoints" in tasks:
         assert manifest.keypoints is not None  # Manifest.validate guarantees it
-        sample["keypoints"], sample["keypoint_visibility"] = _keypoints(anns, len(manifest.keypoints.names), frame)
+        points, visibility = _keypoints(anns, len(manifest.keypoints.names), frame)
+        sample["keypoints"], sample["keypoint_visibility"] = _to_unified_keypoints(
+            points, visibility, label_space.keypoint_remap.get(source), label_space.num_classes()["keypoints"]
+        )
     if "semantic" in tasks:
         sample["semantic"] = _semantic(raw, label_space.semantic_remap[source], frame)
     if "classification" in tasks:
         sample["class_label"] = _class_label(meta, label_space.class_remap[source])
+    # Which classes the source annotates, for the tasks it covers in part (shared tensors).
+    sample.update(label_space.sample_coverage(source))
     return sample
 
 
@@ -260,6 +265,20 @@ def _keypoints(anns: list[dict], num_keypoints: int, frame: Frame) -> tuple[tv_t
     if frame.reduction > 1:
         points /= frame.reduction
     return tv_tensors.KeyPoints(points, canvas_size=frame.decoded_size), flat[..., 2].to(torch.int64)
+
+
+def _to_unified_keypoints(
+    points: tv_tensors.KeyPoints, visibility: torch.Tensor, remap: list[int] | None, num_unified: int
+) -> tuple[tv_tensors.KeyPoints, torch.Tensor]:
+    """The source's keypoints at their unified indices (``LabelSpace.keypoint_remap``); the
+    unified keypoints the source lacks get visibility 0, "not labelled": no loss trains them."""
+    if remap is None or remap == list(range(num_unified)):
+        return points, visibility
+    unified_points = torch.zeros((points.shape[0], num_unified, 2), dtype=points.dtype)
+    unified_points[:, remap] = points.as_subclass(torch.Tensor)
+    unified_visibility = torch.zeros((visibility.shape[0], num_unified), dtype=visibility.dtype)
+    unified_visibility[:, remap] = visibility
+    return tv_tensors.wrap(unified_points, like=points), unified_visibility
 
 
 def _semantic(raw: dict[str, bytes], remap: list[int], frame: Frame) -> tv_tensors.Mask:

@@ -33,6 +33,7 @@ class ImageRecord:
     width: int
     semantic: torch.Tensor | None = None  # int64 [height, width] label-space indices, IGNORE_INDEX = unlabelled
     class_label: int | None = None  # label-space index
+    file_name: str | None = None  # the image's file name in its source, for per-image predictions
 
 
 class EvalStream(IterableDataset):
@@ -89,6 +90,7 @@ class EvalStream(IterableDataset):
             width=width,
             semantic=semantic,
             class_label=int(sample["class_label"]) if "class_label" in sample else None,
+            file_name=image.get("file_name"),
         )
         return self.transform(sample), record
 

@@ -20,7 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from data_pipelines.bad_data import check_bad_fraction, check_policy
 from data_pipelines.streaming.batch_transport import unpack
 from data_pipelines.streaming.data_metrics import data_metrics, source_counts
-from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan, epochs_per_pass
+from data_pipelines.streaming.epoch_plan import SourcePlan
 from data_pipelines.label_space import LabelSpace, build_label_space
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.streaming.prepare import SamplePreparer
@@ -30,8 +30,11 @@ from data_pipelines.streaming.stream import MixedSourceStream
 from data_pipelines.streaming.stream_state import merge_worker_states
 from data_pipelines.streaming.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
 from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
+from data_pipelines.streaming.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
+
+SHUFFLES = ("stream", "full")
 
 
 @dataclass(kw_only=True)
@@ -52,12 +55,28 @@ class DataConfig:
     composition: str = "mixed"  # one of task_sampler.COMPOSITIONS: mixed per sample, or homogeneous batches
     temperature: float = 2.0  # sampling="temperature": p ∝ n^(1/temperature)
     batch_size: int = 2  # per rank
-    num_workers: int = 1  # must divide readers_per_rank (or be 0)
+    # Must divide readers_per_rank (or be 0). "auto": this node's cores shared by its local
+    # ranks, one kept for each main process, as a divisor (workers.py; logged by every rank).
+    num_workers: int | str = 1
     # Shard readers per rank (see epoch_plan). With seed and world size it fixes the
     # sample sequence; num_workers does not, so it may change between runs.
     readers_per_rank: int = 4
     seed: int = 0
-    shuffle_buffer: int = 64  # samples per shuffled block, per reader and source
+    # Samples per shuffled block, per reader and source (see epoch_plan). Measured with
+    # bench/shuffle_quality.py (class-sorted 20k-sample source, 1000-sample shards, 2 ranks x
+    # 4 readers, batch 8; distinct classes per 4 batches, uniform permutation 9.66): with
+    # open_shards 4, buffers of 64 / 256 / 1024 / 4096 give 8.97 / 8.91 / 9.01 / 9.21, so
+    # the buffer barely matters once several shards are open, while its memory (up to a
+    # block of raw samples per reader and source) and the reading before a (resumed) first
+    # batch grow with it: 64.
+    shuffle_buffer: int = 64
+    # Shards each reader reads at once per source, from that many places spread over the
+    # epoch, interleaved: a slot's samples come from all over the source, reads stay
+    # sequential (same run: open_shards 1 / 4 / 8 give 3.84 / 8.97 / 9.00 at buffer 64).
+    open_shards: int = 4
+    # "stream": sequential reads as above; "full": one random permutation of every epoch,
+    # each sample read on its own (local disks or other random-access storage only).
+    shuffle: str = "stream"
     bad_sample_policy: str = "skip"  # raise | skip (drop, count, log)
     max_bad_fraction: float = 0.01  # skip: fail when more of a source (over all ranks) is bad
     # skip: max_bad_fraction is judged against at least this many samples read of the
@@ -92,17 +111,23 @@ class DataConfig:
             raise ValueError(f"DataConfig.temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1:
             raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise ValueError(f"DataConfig.num_workers must be an integer >= 0 or 'auto', got {self.num_workers!r}")
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.readers_per_rank < 1:
             raise ValueError(f"DataConfig.readers_per_rank must be >= 1, got {self.readers_per_rank}")
-        if self.num_workers and self.readers_per_rank % self.num_workers:
+        if isinstance(self.num_workers, int) and self.num_workers and self.readers_per_rank % self.num_workers:
             raise ValueError(
                 f"DataConfig.num_workers ({self.num_workers}) must divide readers_per_rank "
                 f"({self.readers_per_rank}): each reader's batches go to one worker"
             )
         if self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.open_shards < 1:
+            raise ValueError(f"DataConfig.open_shards must be >= 1, got {self.open_shards}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"DataConfig.shuffle must be one of {list(SHUFFLES)}, got {self.shuffle!r}")
         check_policy(self.bad_sample_policy, self.max_bad_fraction, where="DataConfig")
         if self.bad_fraction_min_samples < 0:
             raise ValueError(f"DataConfig.bad_fraction_min_samples must be >= 0, got {self.bad_fraction_min_samples}")
@@ -150,7 +175,11 @@ class TrainLoader(StatefulDataLoader):
     """
 
     def __init__(self, dataset: MixedSourceStream, *, num_workers: int, generator: torch.Generator,
-                 targets: dict[str, float], source_tasks: dict[str, list[str]]) -> None:
+                 targets: dict[str, float], source_tasks: dict[str, list[str]],
+                 device: torch.device | None = None) -> None:
+        # Batches arrive on ``device`` (None: host memory): for CUDA pinned by the
+        # pin-memory thread, then one non-blocking copy each (batch_transport.unpack).
+        self.device = device
         with warnings.catch_warnings():
             # torchdata 0.11 calls a torch API that torch 2.14 deprecates, on every loader.
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -161,6 +190,7 @@ class TrainLoader(StatefulDataLoader):
                 persistent_workers=num_workers > 0,
                 snapshot_every_n_steps=1,
                 generator=generator,
+                pin_memory=device is not None and device.type == "cuda",
             )
         self.targets = targets
         self.source_tasks = source_tasks
@@ -172,7 +202,7 @@ class TrainLoader(StatefulDataLoader):
             # drop them: restart them at the last batch handed out instead.
             self.load_state_dict(self.state_dict())
         self._iterating = True
-        return map(unpack, super().__iter__())
+        return (unpack(packed, device=self.device) for packed in super().__iter__())
 
     def state_dict(self) -> dict:
         if self.num_workers == 0 or not self._iterating:
@@ -223,18 +253,17 @@ class TrainLoader(StatefulDataLoader):
 def _log_small_source(plan: SourcePlan, *, world_size: int, readers_per_rank: int) -> None:
     """One line when a source has fewer samples than reader slots: how its epochs are dealt out."""
     slots = world_size * readers_per_rank
-    passes = epochs_per_pass(plan.num_samples, slots)
-    if passes == 1:
+    if plan.num_samples >= slots:
         return
-    sizes = sorted({len(EpochShare(plan, epoch=0, slot=s, num_slots=slots)) for s in range(slots)})
     log.info(
-        "source %r has %d samples for %d reader slots (world_size %d x data.readers_per_rank %d): its epochs are "
-        "dealt out %d at a time, %s sample(s) per slot, each sample still once per epoch",
-        plan.name, plan.num_samples, slots, world_size, readers_per_rank, passes, " or ".join(map(str, sizes)),
+        "source %r has %d samples for %d reader slots (world_size %d x data.readers_per_rank %d): each epoch gives "
+        "%d of the slots a sample, the others read in the next epochs; each sample still once per epoch",
+        plan.name, plan.num_samples, slots, world_size, readers_per_rank, plan.num_samples,
     )
 
 
-def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
+def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int,
+                       device: torch.device | None = None) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
     """An endless loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank.
 
     The stream builds whole batches (see ``stream.py``); the loader's ``state_dict()`` /
@@ -257,6 +286,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
             shard_sizes=tuple(shard.num_samples for shard in m.shards),
             seed=cfg.seed,
             block_size=cfg.shuffle_buffer,
+            open_shards=cfg.open_shards,
+            full_shuffle=cfg.shuffle == "full",
         )
         for i, (m, s) in enumerate(zip(manifests, cfg.sources))
     ]
@@ -273,7 +304,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
     }
     sampler = TaskSampler(
         weights, strategy=cfg.sampling, composition=cfg.composition, batch_size=cfg.batch_size,
-        seed=cfg.seed, rank=rank,
+        seed=cfg.seed, readers_per_rank=cfg.readers_per_rank,
     )
     dataset = MixedSourceStream(
         plans,
@@ -292,7 +323,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int) -> tuple[
     )
     loader = TrainLoader(
         dataset,
-        num_workers=cfg.num_workers,
+        num_workers=resolve_num_workers(cfg.num_workers, readers_per_rank=cfg.readers_per_rank, rank=rank),
+        device=device,
         # Only for torch's worker seeding, which nothing here uses (augmentation is seeded
         # per sample); a generator of our own keeps the trainer's global RNG untouched.
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, rank, "torch")),

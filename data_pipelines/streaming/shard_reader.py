@@ -50,8 +50,8 @@ def read_spans(urls: tuple[str, ...], spans: list[ShardSpan], *, sizes: tuple[in
 
 
 def _read_span(url: str, span: ShardSpan, *, expected: int) -> Iterator[dict | ReadFailure]:
-    index = 0
-    samples = TarSamples(url)
+    index = span.start
+    samples = TarSamples(url, start=span.start)  # the samples before the span are skipped unread
     try:
         for raw in samples:
             if index >= span.stop:  # only reached when the span runs to the shard's end
@@ -59,8 +59,7 @@ def _read_span(url: str, span: ShardSpan, *, expected: int) -> Iterator[dict | R
                     f"{url}: holds more than the {expected} samples its manifest lists; "
                     f"the manifest is stale (convert the source again)"
                 )
-            if index >= span.start:
-                yield raw
+            yield raw
             index += 1
             if index == span.stop < expected:
                 return  # the rest of the shard belongs to another slot: not read

@@ -3,8 +3,9 @@
 Each rank has ``readers_per_rank`` readers; reader ``l`` builds the rank's batches
 ``l, l + R, l + 2R, ...`` and owns one :class:`SourceReader` per source (reader slot
 ``rank * R + l``, see ``epoch_plan``). Batch ``b``'s sources come from the
-:class:`TaskSampler`, a pure function of ``b``. Data-loader worker ``w`` of ``W`` builds
-batches ``w, w + W, ...`` (the order in which the loader collects them), which with
+:class:`TaskSampler`, a pure function of ``b`` and the slot, which keeps every slot's
+count of every source within one of the others (one global epoch per source).
+Data-loader worker ``w`` of ``W`` builds batches ``w, w + W, ...`` (the order in which the loader collects them), which with
 ``W`` dividing ``R`` touches readers of its own only: the batch sequence is a function
 of (seed, world_size, rank, R) and never of ``W``.
 
@@ -113,7 +114,8 @@ class MixedSourceStream(IterableDataset):
         state = self._state["readers"][str(reader)]
         if state["next_batch"] != batch:  # a bug, not a data problem
             raise RuntimeError(f"reader {reader} is at batch {state['next_batch']}, asked for batch {batch}")
-        samples = [self._next_good_sample(reader, source) for source in self.sampler.batch_sources(batch)]
+        sources = self.sampler.batch_sources(batch, slot=self.rank * self.readers_per_rank + reader)
+        samples = [self._next_good_sample(reader, source) for source in sources]
         state["next_batch"] = batch + self.readers_per_rank
         return pack(samples)
 

@@ -4,12 +4,12 @@ Layout (ints and strings only, fixed keys for a given config, so
 ``torch.distributed.checkpoint`` can load it into a freshly built loader's state)::
 
     {"layout": {"version", "seed", "world_size", "rank", "readers_per_rank", "block_size",
-                "sources": {name: {"num_samples", "num_shards"}}},
+                "open_shards", "full_shuffle", "sources": {name: {"num_samples", "num_shards"}}},
      "readers": {"<l>": {"next_batch": b,            # the next batch this reader builds
-                         "sources": {name: {"epoch", "position",   # next sample to read: first
-                                                        # epoch of the pass (epoch_plan), position in it
-                                            "pending",  # segments left by a world-size change,
-                                                        # flat [epoch, num_slots, slot, position] * k
+                         "sources": {name: {"epoch", "position",   # next sample to read: epoch,
+                                                        # position in the slot's share of it (epoch_plan)
+                                            "pending",  # segments left by a world-size change, flat
+                                                        # [epoch, num_slots, slot, position, stop] * k
                                             "samples", "bad"}}}}}  # delivered / dropped
 
 Reader ``l`` builds the rank's batches ``l, l + R, l + 2R, ...`` (R readers per rank),
@@ -20,7 +20,8 @@ from __future__ import annotations
 from data_pipelines.streaming.epoch_plan import SourcePlan
 from data_pipelines.streaming.source_reader import Segment
 
-STATE_VERSION = 1
+# 2: one global epoch per source (issue 18): shares rotate per epoch, stripes, sampler by slot.
+STATE_VERSION = 2
 
 
 def stream_layout(*, seed: int, world_size: int, rank: int, readers_per_rank: int, plans: list[SourcePlan]) -> dict:
@@ -33,6 +34,8 @@ def stream_layout(*, seed: int, world_size: int, rank: int, readers_per_rank: in
         "readers_per_rank": readers_per_rank,
         # Positions count samples in shuffled-block order, which the block size shapes.
         "block_size": plans[0].block_size,
+        "open_shards": plans[0].open_shards,
+        "full_shuffle": plans[0].full_shuffle,
         "sources": {p.name: {"num_samples": p.num_samples, "num_shards": len(p.shard_sizes)} for p in plans},
     }
 
@@ -52,11 +55,16 @@ def initial_state(layout: dict) -> dict:
 def check_compatible(saved: dict, layout: dict) -> None:
     """Raise ``ValueError`` naming every way ``saved`` does not fit this job's ``layout``."""
     old = saved.get("layout")
+    if isinstance(old, dict) and old.get("version") == 1:
+        raise ValueError(
+            "the data-stream state in the checkpoint was written by an older polytask (version 1: per-slot "
+            "epochs), whose sample order this one no longer computes; resume it with the polytask that wrote it"
+        )
     if not isinstance(old, dict) or old.get("version") != STATE_VERSION:
         raise ValueError(f"not a polytask data-stream state (version {STATE_VERSION}): keys {sorted(saved)}")
     problems = [
         f"{key} {old.get(key)} -> {layout[key]}"
-        for key in ("seed", "world_size", "rank", "readers_per_rank", "block_size")
+        for key in ("seed", "world_size", "rank", "readers_per_rank", "block_size", "open_shards", "full_shuffle")
         if old.get(key) != layout[key]
     ]
     if old.get("sources") != layout["sources"]:
@@ -85,11 +93,11 @@ def merge_worker_states(states: list[dict]) -> dict:
 
 def pack_segments(segments: list[Segment]) -> list[int]:
     """Segments as a flat int list (a fixed-type leaf for torch.distributed.checkpoint)."""
-    return [v for seg in segments for v in (seg.epoch, seg.num_slots, seg.slot, seg.position)]
+    return [v for seg in segments for v in (seg.epoch, seg.num_slots, seg.slot, seg.position, seg.stop)]
 
 
 def unpack_segments(flat: list[int]) -> list[Segment]:
-    return [Segment(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+    return [Segment(*flat[i : i + 5]) for i in range(0, len(flat), 5)]
 
 
 def next_batch(state: dict) -> int:

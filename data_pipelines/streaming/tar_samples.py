@@ -47,8 +47,11 @@ class TarSamples:
     ended, once it has (tarfile takes a header cut short for the end of the archive).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, start: int = 0) -> None:
         self.url = url
+        # Samples before ``start`` are not handed out; from a seekable file their data
+        # is not even read (the headers are), so a reader can start inside a shard cheaply.
+        self.start = start
         self.end: int | None = None
         self._samples = self._generate()
 
@@ -69,6 +72,8 @@ class TarSamples:
         except Exception as e:  # noqa: BLE001 - missing, not a tar, failing pipe
             raise ShardReadError(url, offset=None, member=None, cause=e) from e
         current: dict | None = None
+        skipping: str | None = None  # key of the sample being skipped
+        skipped = 0
         while True:
             offset = tar.offset
             try:
@@ -87,6 +92,12 @@ class TarSamples:
             if current is not None and prefix != current["__key__"]:
                 yield current
                 current = None
+            # tarfile seeks over the data of a member that is never extracted.
+            if prefix == skipping:
+                continue  # another member of a skipped sample
+            if skipped < self.start:
+                skipping, skipped = prefix, skipped + 1
+                continue
             try:
                 data = tar.extractfile(info).read()
             except Exception as e:  # noqa: BLE001

@@ -40,6 +40,17 @@ def zero_loss(*outputs: Tensor) -> Tensor:
     return sum(o.sum() for o in outputs) * 0.0
 
 
+def coverage_rows(targets: list[dict[str, Tensor]], index: Tensor, key: str, num_classes: int) -> Tensor | None:
+    """bool [len(index), C]: the classes each chosen sample's source annotates (target
+    ``key``, absent = all of them); None when every chosen sample covers every class, the
+    common case, which then costs no masking at all."""
+    rows = [targets[i].get(key) for i in index.tolist()]
+    if all(r is None for r in rows):
+        return None
+    every = torch.ones(num_classes, dtype=torch.bool, device=index.device)
+    return torch.stack([every if r is None else r.to(index.device) for r in rows])
+
+
 def labelled_subset(features: Features, labelled: Tensor) -> tuple[Features, Tensor]:
     """Features of the labelled samples and their batch indices.
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbone import FPN_STRIDES
-from models.heads.base import Features, TaskHead, labelled_subset, zero_loss
+from models.heads.base import Features, TaskHead, coverage_rows, labelled_subset, zero_loss
 from models.heads.registry import register_head
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ class ClassificationHead(TaskHead):
         # FPN levels are not normalised and differ in scale (P3 vs P7); normalising the pooled
         # vector keeps early logits, and Adam's first steps, from blowing up.
         self.classifier = nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, num_classes))
+        self.num_classes = num_classes
+        self.ignore_unannotated = cfg.unannotated_classes == "ignore"
 
     def _logits(self, features: Features) -> Tensor:
         pooled = [p for f in features.values() for p in (f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1)))]
@@ -38,6 +40,10 @@ class ClassificationHead(TaskHead):
         if index.numel() == 0:
             return zero_loss(logits), 0
         labels = torch.stack([targets[i]["class_label"] for i in index.tolist()])
+        coverage = coverage_rows(targets, index, "class_coverage", self.num_classes) if self.ignore_unannotated else None
+        if coverage is not None:
+            # Softmax over the sample's source's classes only (-inf: probability and gradient 0).
+            logits = torch.where(coverage, logits, float("-inf"))
         return F.cross_entropy(logits, labels), index.numel()
 
     @torch.no_grad()

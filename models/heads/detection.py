@@ -12,12 +12,18 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
 from models.backbone import FPN_STRIDES
-from models.heads.base import Features, TaskHead, labelled_subset, zero_loss
+from models.heads.base import Features, TaskHead, coverage_rows, labelled_subset, zero_loss
 from models.heads.instances import trainable_instances
 from models.heads.registry import register_head
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
+
+# What an unannotated class's logit is replaced by in the loss: sigmoid(-1e4) is exactly 0
+# in float32, so its focal loss is exactly 0 (an uncovered class is no negative), and the
+# replacement cuts the real logit's gradient to exactly 0. (-inf would give 0 * inf = NaN
+# in the BCE's target term.)
+_UNCOVERED_LOGIT = -1e4
 
 
 @register_head("detection")
@@ -41,6 +47,8 @@ class FCOSDetectionHead(TaskHead):
         self.nms_thresh = cfg.detection_nms_thresh
         self.detections_per_img = cfg.detections_per_image
         self.topk_candidates = cfg.detection_topk_candidates
+        self.num_classes = num_classes
+        self.ignore_unannotated = cfg.unannotated_classes == "ignore"
 
     def _run(
         self, features: Features, image_size: tuple[int, int]
@@ -64,6 +72,12 @@ class FCOSDetectionHead(TaskHead):
         outputs, anchors, per_level = self._run(subset, image_size)
         if index.numel() == 0:
             return zero_loss(*outputs.values()), 0
+        coverage = coverage_rows(targets, index, "thing_coverage", self.num_classes) if self.ignore_unannotated else None
+        if coverage is not None:
+            # Per sample, the classes its source does not annotate are neither positive (no
+            # box of theirs is in its targets) nor negative: no loss at all.
+            logits = outputs["cls_logits"]
+            outputs = {**outputs, "cls_logits": torch.where(coverage[:, None, :], logits, _UNCOVERED_LOGIT)}
         kept = []
         for i in index.tolist():
             keep = trainable_instances(targets[i])

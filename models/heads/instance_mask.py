@@ -31,6 +31,8 @@ class MaskHead(RoICascadeHead):
 
     def _roi_loss(self, logits: Tensor, boxes: list[Tensor], targets: list[dict[str, Tensor]],
                   chosen: list[Tensor]) -> Tensor:
+        # Each RoI's loss reads only its ground-truth class's mask logits, a class its source
+        # annotates: the other classes' mask logits get no loss (coverage needs no mask here).
         return maskrcnn_loss(logits, boxes, [t["masks"] for t in targets], [t["labels"] for t in targets], chosen)
 
     @torch.no_grad()

@@ -37,7 +37,8 @@ class KeypointHead(RoICascadeHead):
 
     def _roi_loss(self, logits: Tensor, boxes: list[Tensor], targets: list[dict[str, Tensor]],
                   chosen: list[Tensor]) -> Tensor:
-        return keypointrcnn_loss(logits, boxes, [_torchvision_keypoints(t) for t in targets], chosen)
+        # .contiguous(): torchvision .view()s the heatmaps, which fails on channels-last ones (model.channels_last).
+        return keypointrcnn_loss(logits.contiguous(), boxes, [_torchvision_keypoints(t) for t in targets], chosen)
 
     @torch.no_grad()
     def predict(

@@ -11,7 +11,7 @@ from torchvision.ops import Conv2dNormActivation
 
 from data_pipelines.schema import IGNORE_INDEX
 from models.backbone import FPN_STRIDES
-from models.heads.base import Features, TaskHead, labelled_subset, zero_loss
+from models.heads.base import Features, TaskHead, coverage_rows, labelled_subset, zero_loss
 from models.heads.registry import register_head
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ class SemanticFPNHead(TaskHead):
             }
         )
         self.classifier = nn.Conv2d(cfg.semantic_channels, num_classes, kernel_size=1)
+        self.num_classes = num_classes
+        self.ignore_unannotated = cfg.unannotated_classes == "ignore"
 
     def _logits(self, features: Features, image_size: tuple[int, int]) -> Tensor:
         size = features["p3"].shape[-2:]
@@ -50,6 +52,11 @@ class SemanticFPNHead(TaskHead):
         labels = torch.stack([targets[i]["semantic"] for i in index.tolist()])
         # Images were padded bottom/right; the labels cover the unpadded part.
         logits = logits[..., : labels.shape[-2], : labels.shape[-1]]
+        coverage = coverage_rows(targets, index, "semantic_coverage", self.num_classes) if self.ignore_unannotated else None
+        if coverage is not None:
+            # The softmax of each sample runs over its source's classes only: the others get
+            # -inf (probability exactly 0, gradient exactly 0) on its pixels.
+            logits = torch.where(coverage[:, :, None, None], logits, float("-inf"))
         summed = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         # Mean over labelled pixels, and an exact 0 (not NaN) when every pixel is ignored.
         return summed / (labels != IGNORE_INDEX).sum().clamp(min=1), index.numel()

@@ -97,7 +97,10 @@ def loader_for(root, **overrides):
 ALL_CASES = [*CASES, "truncated_tar"]
 LOST = {case: [KEYS[BAD]] for case in CASES} | {"truncated_tar": KEYS[2 * SHARD + 2 : 3 * SHARD]}
 # The truncation names where it happened: the member cut short and its offset.
-TRUNCATED = rf"shard truncated or corrupt after 2 samples: member '{KEYS[2 * SHARD + 2]}\.jpg' \(header at byte \d+\)"
+# A reader that starts inside the shard skips the samples before its start by their headers
+# and meets the cut in the header of #3.
+TRUNCATED = (rf"shard truncated or corrupt after (2 samples: member '{KEYS[2 * SHARD + 2]}\.jpg' \(header at byte \d+\)"
+             rf"|3 samples: member header at byte \d+ is cut short)")
 PROBLEM = {case: message for case, (_, message) in CASES.items()} | {"truncated_tar": TRUNCATED}
 
 
@@ -121,12 +124,18 @@ def test_skip_drops_counts_and_logs_and_loses_nothing_else(tmp_path, case, caplo
     # Every good sample of the epoch exactly once; only the bad ones are missing.
     assert sorted(epoch0) == [f"src/{k}" for k in KEYS if k not in LOST[case]]
     # Every lost sample counts; a truncated shard, one failure, is logged once for all of them.
-    assert loader.data_metrics()["data/src/bad_samples"] == len(LOST[case])
+    # The sample into the next epoch can come after that epoch's own bad reads (each epoch has
+    # its own shard order and stripes): the count is the first epoch's, or both epochs'.
+    repeats = loader.data_metrics()["data/src/bad_samples"] / len(LOST[case])
+    assert repeats in (1, 2)
     messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(messages) == (len(LOST[case]) if case != "truncated_tar" else 1)
+    if case != "truncated_tar":
+        assert len(messages) == repeats * len(LOST[case])
+    else:  # once per reader stripe that meets the cut: #2-#3 in one, or #2 and #3 apart
+        assert 1 <= len(messages) <= repeats * len(LOST[case])
+        named = " ".join(messages)
+        assert "src-000002.tar: 2 samples (#2-#3) lost: " in named or ("#2" in named and "#3" in named), messages
     assert all(re.search(PROBLEM[case], m) for m in messages)
-    if case == "truncated_tar":
-        assert "src-000002.tar: 2 samples (#2-#3) lost: " in messages[0]
 
 
 def test_one_bad_sample_in_a_small_share_does_not_stop_skip(tmp_path):

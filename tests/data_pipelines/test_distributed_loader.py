@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.epoch_plan import samples_through
 from data_pipelines.streaming.loader import build_train_loader
 from tests.conftest import SCRIPTS, run_torchrun
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
@@ -42,15 +42,15 @@ def test_every_sample_once_per_epoch_and_no_rank_stops_early(run):
     full = load(out, "full")
     assert [len(f) for f in full] == [STEPS] * WORLD
     assert all(len(b["keys"]) == BATCH for f in full for b in f)
-    plan = SourcePlan(name="src", urls=(), shard_sizes=tuple(SIZES), seed=7, block_size=4)
     epochs = {0: [], 1: [], 2: []}
     for rank, batches in enumerate(full):
         for reader in range(READERS):
             # A reader's keys in order; its epoch shares follow each other.
             keys = [k for b in batches[reader::READERS] for k in b["keys"]]
-            size = len(EpochShare(plan, epoch=0, slot=rank * READERS + reader, num_slots=WORLD * READERS))
+            ends = [samples_through(N, epoch=e, slot=rank * READERS + reader, num_slots=WORLD * READERS)
+                    for e in (-1, *epochs)]
             for epoch in epochs:
-                epochs[epoch] += keys[epoch * size : (epoch + 1) * size]
+                epochs[epoch] += keys[ends[epoch] : ends[epoch + 1]]
     everything = Counter(f"src/u{i:03d}" for i in range(N))
     assert Counter(epochs[0]) == everything and Counter(epochs[1]) == everything
     assert max(Counter(epochs[2]).values()) == 1  # the epoch under way: nothing twice

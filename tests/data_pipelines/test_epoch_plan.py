@@ -2,40 +2,70 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan, samples_through
 
 # Uneven shards, one of them empty: shares must still partition every epoch.
 SIZES = (5, 0, 3, 7, 1, 6)
 N = sum(SIZES)
 
 
-def plan(seed: int = 0, block_size: int = 4) -> SourcePlan:
+def plan(seed: int = 0, block_size: int = 4, open_shards: int = 1, full_shuffle: bool = False) -> SourcePlan:
     urls = tuple(f"s-{i}.tar" for i in range(len(SIZES)))
-    return SourcePlan(name="s", urls=urls, shard_sizes=SIZES, seed=seed, block_size=block_size)
+    return SourcePlan(name="s", urls=urls, shard_sizes=SIZES, seed=seed, block_size=block_size,
+                      open_shards=open_shards, full_shuffle=full_shuffle)
 
 
 def share_positions(share: EpochShare) -> list[tuple[int, int]]:
     return [share.locate(p) for p in range(len(share))]
 
 
-@pytest.mark.parametrize("num_slots", [1, 3, 4, 7, N])
-def test_slot_shares_partition_every_epoch_and_differ_by_at_most_one(num_slots):
+def read_in_step(share: EpochShare, first: int) -> list[tuple[int, int]]:
+    """What reading the share's streams in step with ``stripe_of`` yields, from ``first``."""
+    streams = {k: iter([(s.shard, i) for s in spans for i in range(s.start, s.stop)])
+               for k, spans in share.streams(first).items()}
+    return [next(streams[share.stripe_of(p)]) for p in range(first, len(share))]
+
+
+@pytest.mark.parametrize("open_shards, full", [(1, False), (3, False), (4, False), (1, True)])
+@pytest.mark.parametrize("num_slots", [1, 3, 4, 7, N, N + 5])
+def test_slot_shares_partition_every_epoch_and_slot_totals_stay_within_one(num_slots, open_shards, full):
     everything = Counter((shard, i) for shard, size in enumerate(SIZES) for i in range(size))
-    for epoch in range(3):
-        shares = [EpochShare(plan(), epoch=epoch, slot=s, num_slots=num_slots) for s in range(num_slots)]
+    totals = [0] * num_slots
+    for epoch in range(4):
+        shares = [EpochShare(plan(open_shards=open_shards, full_shuffle=full), epoch=epoch, slot=s,
+                             num_slots=num_slots) for s in range(num_slots)]
         seen = Counter(pos for share in shares for pos in share_positions(share))
         assert seen == everything
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        # Issue 18: the slots taking the extra sample rotate, so totals never drift apart.
+        totals = [t + len(share) for t, share in zip(totals, shares)]
+        assert max(totals) - min(totals) <= 1
+        assert totals == [samples_through(N, epoch=epoch, slot=s, num_slots=num_slots) for s in range(num_slots)]
 
 
-def test_spans_are_the_share_in_reading_order_and_touch_only_its_shards():
+@pytest.mark.parametrize("open_shards", [1, 3, 4])
+def test_streams_read_in_step_are_the_share_in_order_and_each_stream_is_sequential(open_shards):
     for slot in range(4):
-        share = EpochShare(plan(), epoch=1, slot=slot, num_slots=4)
-        for first in range(len(share)):
-            spans = share.spans(first)
-            read = [(s.shard, i) for s in spans for i in range(s.start, s.stop)]
-            assert read == share_positions(share)[first:]
+        share = EpochShare(plan(open_shards=open_shards), epoch=1, slot=slot, num_slots=4)
+        streams = share.streams(0)
+        assert len(streams) <= open_shards
+        for spans in streams.values():
             assert all(s.stop > s.start for s in spans)
+        for first in range(len(share)):
+            assert read_in_step(share, first) == share_positions(share)[first:]
+
+
+def test_open_shards_spread_a_slot_over_the_whole_epoch():
+    """Issue 18: with one stripe a slot's share is one run of the epoch's sequence; with 4 it
+    is 4 runs spread over it (the largest stretch of the sequence it skips is much shorter)."""
+    def largest_gap(share: EpochShare) -> int:
+        index = sorted(share._sequence_index(p) for p in range(len(share)))
+        return max(b - a for a, b in zip(index, index[1:] + [index[0] + N]))
+
+    for epoch in range(3):
+        one, four = (EpochShare(plan(open_shards=k), epoch=epoch, slot=0, num_slots=4) for k in (1, 4))
+        assert largest_gap(one) > 3 * N // 4 - 1
+        assert largest_gap(four) <= N // 4 + 2
 
 
 def test_shard_order_and_blocks_are_reshuffled_each_epoch_and_reproducible():
@@ -52,23 +82,16 @@ def test_shard_order_and_blocks_are_reshuffled_each_epoch_and_reproducible():
     assert share.block_order(0) != EpochShare(plan(), epoch=1, slot=0, num_slots=1).block_order(0)
 
 
-@pytest.mark.parametrize("num_slots", [N + 1, 2 * N, 2 * N + 1, 5 * N - 2])
-def test_a_source_smaller_than_the_slots_is_dealt_out_several_epochs_at_a_time(num_slots):
-    """Issue 14 item 5: fewer samples than slots: a pass of P = ceil(S / N) epochs is split
-    over the slots, so every slot gets a sample and every epoch is still read exactly once."""
-    from data_pipelines.streaming.epoch_plan import epochs_per_pass
-
-    passes = epochs_per_pass(N, num_slots)
-    assert passes == -(-num_slots // N) > 1
+def test_a_source_smaller_than_the_slots_gives_each_slot_a_sample_every_few_epochs():
+    """Fewer samples than slots: each epoch goes to N of the slots, which ones rotating, so
+    every slot reads within ceil(S / N) epochs and every epoch is still read exactly once."""
+    num_slots = 2 * N + 3
     everything = Counter((shard, i) for shard, size in enumerate(SIZES) for i in range(size))
-    for first in (0, passes):  # two passes
-        shares = [EpochShare(plan(), epoch=first, slot=s, num_slots=num_slots) for s in range(num_slots)]
-        assert min(map(len, shares)) >= 1 and max(map(len, shares)) - min(map(len, shares)) <= 1
-        by_epoch: dict[int, Counter] = {}
-        for share in shares:
-            for p in range(len(share)):
-                by_epoch.setdefault(share.epoch_of(p), Counter())[share.locate(p)] += 1
-            read = [(s.shard, i) for s in share.spans(0) for i in range(s.start, s.stop)]
-            assert read == share_positions(share)  # a share spanning two epochs reads in order too
-        assert sorted(by_epoch) == list(range(first, first + passes))
-        assert all(seen == everything for seen in by_epoch.values())
+    for epoch in range(4):
+        shares = [EpochShare(plan(), epoch=epoch, slot=s, num_slots=num_slots) for s in range(num_slots)]
+        assert sorted({len(s) for s in shares}) == [0, 1]
+        assert Counter(pos for share in shares for pos in share_positions(share)) == everything
+    for slot in range(num_slots):
+        reads = [samples_through(N, epoch=e, slot=slot, num_slots=num_slots) for e in range(-1, 3 * num_slots // N)]
+        gaps = [b - a for a, b in zip(reads, reads[1:])]
+        assert max(len(run) for run in "".join(map(str, gaps)).split("1")) < -(-num_slots // N)

@@ -131,10 +131,11 @@ def test_a_source_smaller_than_the_reader_slots_is_read_by_all_of_them_with_one_
             check_batch(batch)
     lines = [r.getMessage() for r in caplog.records if "reader slots" in r.getMessage()]
     assert lines == [
-        "source 'det' has 6 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): its epochs are "
-        "dealt out 2 at a time, 1 or 2 sample(s) per slot, each sample still once per epoch",
-        "source 'seg' has 5 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): its epochs are "
-        "dealt out 2 at a time, 1 or 2 sample(s) per slot, each sample still once per epoch",
+        # Issue 18: each epoch goes to as many slots as it has samples, rotating.
+        "source 'det' has 6 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): each epoch gives "
+        "6 of the slots a sample, the others read in the next epochs; each sample still once per epoch",
+        "source 'seg' has 5 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): each epoch gives "
+        "5 of the slots a sample, the others read in the next epochs; each sample still once per epoch",
     ], lines
 
 

@@ -27,7 +27,8 @@ def source(tmp_path_factory):
 
 def states_of(readers: list[SourceReader], *, world_size: int, per_rank: int, batch: int) -> list[dict]:
     """Rank states, as the stream writes them, for slots standing where ``readers`` stand."""
-    layout = {"version": 1, "seed": 2, "world_size": world_size, "readers_per_rank": per_rank, "block_size": 3,
+    layout = {"version": 2, "seed": 2, "world_size": world_size, "readers_per_rank": per_rank, "block_size": 3,
+              "open_shards": 1, "full_shuffle": False,
               "sources": {"s": {"num_samples": sum(SIZES), "num_shards": len(SIZES)}}}
     return [
         {"layout": {**layout, "rank": rank}, "readers": {

@@ -1,7 +1,7 @@
 """Issue 14 item 5: a 4-image source trains on 2 ranks with the default
 ``data.readers_per_rank: 4`` (8 reader slots), a real launch through `polytask launch`
 (torchrun, gloo): one log line says how the source is dealt out, and the audit trail shows
-every image once per epoch."""
+every image once per epoch (issue 18: each epoch goes to 4 of the 8 slots, rotating)."""
 import itertools
 import json
 import subprocess
@@ -36,8 +36,8 @@ def test_a_four_image_source_trains_on_two_ranks_with_the_default_readers(tmp_pa
 
     lines = [line for line in proc.stderr.splitlines() if "reader slots" in line]
     assert len(lines) == 1 and "[rank 0]" in lines[0], lines
-    assert ("source 'tiny' has 4 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): its epochs "
-            "are dealt out 2 at a time, 1 sample(s) per slot") in lines[0]
+    assert ("source 'tiny' has 4 samples for 8 reader slots (world_size 2 x data.readers_per_rank 4): each epoch "
+            "gives 4 of the slots a sample, the others read in the next epochs") in lines[0]
 
     trails = [[json.loads(line) for line in (run_dir / "audit" / f"rank_{r}.jsonl").read_text().splitlines()]
               for r in range(WORLD)]
@@ -49,7 +49,7 @@ def test_a_four_image_source_trains_on_two_ranks_with_the_default_readers(tmp_pa
     # The same keys, replayed from the epoch plan with their epochs: each epoch holds every image once.
     manifest = load_manifest(tmp_path / "tiny")
     plan = SourcePlan(name="tiny", urls=tuple(manifest.shard_urls()), shard_sizes=(IMAGES,),
-                      seed=defaults.seed, block_size=defaults.shuffle_buffer)
+                      seed=defaults.seed, block_size=defaults.shuffle_buffer, open_shards=defaults.open_shards)
     by_epoch: dict[int, Counter] = {}
     for rank, trail in enumerate(trails):
         slots = [SourceReader(plan, slot=rank * readers + l, num_slots=WORLD * readers) for l in range(readers)]

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan
+from data_pipelines.streaming.epoch_plan import EpochShare, SourcePlan, samples_through
 from data_pipelines.streaming.source_reader import SourceReader
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 
@@ -23,7 +23,7 @@ def source(tmp_path_factory):
                             categories=[{"id": 1, "name": "x"}])
     log = root / "opened.log"
     urls = tuple(f"pipe:echo {i} >> {log} && cat {url}" for i, url in enumerate(manifest.shard_urls()))
-    return SourcePlan(name="s", urls=urls, shard_sizes=tuple(SIZES), seed=5, block_size=BLOCK), log
+    return SourcePlan(name="s", urls=urls, shard_sizes=tuple(SIZES), seed=5, block_size=BLOCK, open_shards=2), log
 
 
 def keys(reader: SourceReader, n: int) -> list[tuple[int, str]]:
@@ -36,7 +36,8 @@ def test_every_epoch_is_read_exactly_once_over_the_slots(source):
     orders = {0: [], 1: []}
     for slot in range(SLOTS):
         reader = SourceReader(plan, slot=slot, num_slots=SLOTS)
-        for epoch, key in keys(reader, 2 * reader.share_size):
+        total = samples_through(sum(SIZES), epoch=1, slot=slot, num_slots=SLOTS)
+        for epoch, key in keys(reader, total):
             epochs[epoch][key] += 1
             orders[epoch].append(key)
     everything = Counter(f"k{i:03d}" for i in range(sum(SIZES)))
@@ -66,21 +67,21 @@ def test_resume_anywhere_continues_exactly_and_reopens_only_the_current_block(so
             assert head + tail == expected, (slot, cut)
 
 
-SMALL_SLOTS = 2 * sum(SIZES) + 3  # more than twice the samples: passes of 3 epochs
+SMALL_SLOTS = 2 * sum(SIZES) + 3  # more than twice the samples: a slot reads every 2-3 epochs
 
 
-def test_a_source_smaller_than_the_slots_gives_every_slot_a_share_and_each_epoch_once(source):
-    """Issue 14 item 5: more slots than samples: each slot reads its share of a pass of
-    several epochs; over the slots, every epoch is read exactly once, and a slot goes on
-    from pass to pass (epochs 0-2, then 3-5)."""
+def test_a_source_smaller_than_the_slots_gives_every_slot_samples_and_each_epoch_once(source):
+    """More slots than samples: each epoch goes to some of the slots; over the slots, every
+    epoch is read exactly once, and a slot goes on to the next epoch that gives it a sample."""
     plan, _ = source
     epochs: dict[int, Counter] = {}
     for slot in range(SMALL_SLOTS):
         reader = SourceReader(plan, slot=slot, num_slots=SMALL_SLOTS)
-        assert reader.share_size >= 1
-        for epoch, key in keys(reader, 2 * reader.share_size):
+        total = samples_through(sum(SIZES), epoch=5, slot=slot, num_slots=SMALL_SLOTS)
+        assert total >= 2
+        for epoch, key in keys(reader, total):
             epochs.setdefault(epoch, Counter())[key] += 1
-        assert (reader.epoch, reader.position) == (3, reader.share_size)  # the end of its second pass
+        assert reader.epoch >= 6 and reader.position == 0
     everything = Counter(f"k{i:03d}" for i in range(sum(SIZES)))
     assert sorted(epochs) == list(range(6)) and all(seen == everything for seen in epochs.values())
 

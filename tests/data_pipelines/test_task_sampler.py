@@ -10,13 +10,17 @@ SIZES = {"coco": 100, "ade": 300, "imagenet": 600}
 TOLERANCE = 0.015
 
 
-def sampler(strategy="proportional", *, composition="mixed", batch_size=8, seed=0, rank=0, **kwargs) -> TaskSampler:
+READERS = 2
+
+
+def sampler(strategy="proportional", *, composition="mixed", batch_size=8, seed=0, **kwargs) -> TaskSampler:
     weights = strategy_weights(strategy, num_samples=SIZES, **kwargs)
-    return TaskSampler(weights, strategy=strategy, composition=composition, batch_size=batch_size, seed=seed, rank=rank)
+    return TaskSampler(weights, strategy=strategy, composition=composition, batch_size=batch_size, seed=seed,
+                       readers_per_rank=READERS)
 
 
-def draws(s: TaskSampler, batches: range) -> list[str]:
-    return [name for b in batches for name in s.batch_sources(b)]
+def draws(s: TaskSampler, batches: range, *, slot: int = 0) -> list[str]:
+    return [name for b in batches for name in s.batch_sources(b, slot=slot)]
 
 
 def test_same_seed_same_sequence_other_seed_differs():
@@ -47,22 +51,26 @@ def test_realised_mix_converges_to_target(strategy, kwargs, target, composition,
 
 
 def test_homogeneous_batches_have_one_source_and_agree_across_ranks():
-    ranks = [sampler(composition="homogeneous", rank=r) for r in range(3)]
+    ranks = [sampler(composition="homogeneous") for _ in range(3)]
     for b in range(200):
-        batches = [s.batch_sources(b) for s in ranks]
+        batches = [s.batch_sources(b, slot=r * READERS + b % READERS) for r, s in enumerate(ranks)]
         assert len(set(batches[0])) == 1 and batches[0] == batches[1] == batches[2]
 
 
 def test_mixed_batches_differ_across_ranks():
-    assert draws(sampler(rank=0), range(50)) != draws(sampler(rank=1), range(50))
+    assert draws(sampler(), range(50), slot=0) != draws(sampler(), range(50), slot=READERS)
 
 
 def test_round_robin_cycles_in_config_order():
     names = list(SIZES)
-    mixed = sampler("round_robin", batch_size=4)
-    assert draws(mixed, range(3)) == [names[i % 3] for i in range(12)]
+    mixed = sampler("round_robin", batch_size=3)
+    # A pair of rounds (2 x 3 samples per slot) takes every source twice, over its two rounds.
+    for slot in range(4):
+        pair = draws(mixed, [0, READERS], slot=slot)
+        assert Counter(pair) == Counter(names * 2)
     homogeneous = sampler("round_robin", composition="homogeneous", batch_size=2)
-    assert [homogeneous.batch_sources(b) for b in range(4)] == [[names[b % 3]] * 2 for b in range(4)]
+    # One source per round of READERS steps, cycling in config order.
+    assert [homogeneous.batch_sources(b, slot=0) for b in range(6)] == [[names[b // READERS % 3]] * 2 for b in range(6)]
 
 
 def test_decisions_are_a_function_of_the_batch_index_so_resuming_continues():
@@ -87,6 +95,7 @@ def test_bad_strategy_arguments_raise(strategy, kwargs, message):
 
 def test_non_positive_weight_and_unknown_composition_raise():
     with pytest.raises(ValueError, match="must be > 0"):
-        TaskSampler({"coco": 1.0, "ade": 0.0}, strategy="fixed", composition="mixed", batch_size=1, seed=0, rank=0)
+        TaskSampler({"coco": 1.0, "ade": 0.0}, strategy="fixed", composition="mixed", batch_size=1, seed=0,
+                    readers_per_rank=1)
     with pytest.raises(ValueError, match="unknown batch composition"):
-        TaskSampler({"coco": 1.0}, strategy="uniform", composition="per_task", batch_size=1, seed=0, rank=0)
+        TaskSampler({"coco": 1.0}, strategy="uniform", composition="per_task", batch_size=1, seed=0, readers_per_rank=1)

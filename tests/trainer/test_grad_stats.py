@@ -9,7 +9,6 @@ from trainer.grad_stats import (
     combine_task_gradients,
     detached_features,
     gram_matrix,
-    parameter_gradients,
     reduce_statistics,
     statistics_metrics,
     surrogate_loss,
@@ -49,7 +48,7 @@ def test_representation_and_parameters_modes_agree_on_a_linear_trunk(orthonormal
     rep_sums = _losses_on(zd, heads, targets, mask)
     rep_grads = task_gradients_wrt([zd], rep_sums, TASKS, skip=skip)
     par_sums = _losses_on(z, heads, targets, mask)
-    par_grads = parameter_gradients([weight], par_sums, TASKS, skip=skip)
+    par_grads = task_gradients_wrt([weight], par_sums, TASKS, skip=skip)
     assert rep_grads[2] is None and par_grads[2] is None
 
     loss_sums = torch.stack(list(rep_sums.values())).detach()

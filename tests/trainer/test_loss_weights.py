@@ -17,8 +17,8 @@ DEMO = REPO / "configs" / "demo_cpu.yaml"
 @pytest.mark.parametrize("overrides, keys", [
     (["trainer.loss_weights.detection=2", "balancer.name=famo"], ["trainer.loss_weights", "balancer.name"]),
     (["balancer.options.weights.detection=2"], ["balancer.options.weights", "trainer.loss_weights"]),
-    (["balancer.name=equal", "balancer.mode=parameters"], ["balancer.mode", "balancer.name"]),
-    (["balancer.name=famo", "balancer.mode=parameters"], ["balancer.mode", "balancer.name"]),
+    (["balancer.name=equal", "balancer.statistics=parameters"], ["balancer.statistics", "balancer.name"]),
+    (["balancer.name=famo", "balancer.statistics=parameters"], ["balancer.statistics", "balancer.name"]),
     (["balancer.name=famo", "trainer.grad_accum_steps=2"], ["balancer.name", "trainer.grad_accum_steps"]),
 ])
 def test_a_setting_that_would_be_ignored_is_an_error_naming_both_keys(overrides, keys):

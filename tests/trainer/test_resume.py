@@ -54,6 +54,8 @@ BACKENDS = {
     "ddp": ["trainer.backend=ddp"],
     "ddp_async_save": ["trainer.backend=ddp", "checkpoint.async_save=true"],
     "zero2": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2"],
+    # a dynamic balancer with statistics at the FPN (reduce-scatter + all-reduce every step)
+    "ddp_pcgrad_fpn": ["trainer.backend=ddp", "balancer.name=pcgrad", "balancer.statistics=fpn"],
     "zero3": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3"],
 }
 

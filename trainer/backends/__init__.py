@@ -20,11 +20,12 @@ if TYPE_CHECKING:  # trainer.config composes every component's config, backends 
 
 
 def build_backend(cfg: "TrainerConfig", model: nn.Module, *, optim: OptimConfig, device: torch.device,
-                  micro_batch_size: int, async_save: bool = False) -> TrainBackend:
+                  micro_batch_size: int, async_save: bool = False, checkpoint_format: str = "raw") -> TrainBackend:
     if cfg.backend == "ddp":
         from trainer.backends.ddp import DDPBackend
 
-        return DDPBackend(model, optim=optim, max_steps=cfg.max_steps, device=device, async_save=async_save)
+        return DDPBackend(model, optim=optim, max_steps=cfg.max_steps, device=device, async_save=async_save,
+                          checkpoint_format=checkpoint_format)
     if cfg.backend == "deepspeed":
         from trainer.backends.deepspeed_backend import DeepSpeedBackend
 

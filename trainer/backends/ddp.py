@@ -34,7 +34,7 @@ def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
 
 class DDPBackend(TrainBackend):
     def __init__(self, model: nn.Module, *, optim: OptimConfig, max_steps: int, device: torch.device,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, checkpoint_format: str = "raw") -> None:
         # Every head takes part in every forward (exact zeros for absent tasks), so no
         # find_unused_parameters graph walk is needed. The model's buffers are constants
         # (normalisation mean/std, frozen-BN statistics), equal on every rank from the start
@@ -56,6 +56,7 @@ class DDPBackend(TrainBackend):
         self._grads_to_free = False
         # Created on every rank in the same order (a collective); used by background writes.
         self._save_group = dist.new_group(backend="gloo") if async_save else None
+        self._checkpoint_format = checkpoint_format  # CheckpointConfig.format: DCP storage
 
     @property
     def module(self) -> nn.Module:
@@ -104,8 +105,9 @@ class DDPBackend(TrainBackend):
         if background:
             if self._save_group is None:
                 raise ValueError("DDPBackend.save(background=True) needs a backend built with async_save=True")
-            return write_dcp_async(self.state(extra), directory, process_group=self._save_group)
-        write_dcp(self.state(extra), directory)
+            return write_dcp_async(self.state(extra), directory, process_group=self._save_group,
+                                   storage_format=self._checkpoint_format)
+        write_dcp(self.state(extra), directory, storage_format=self._checkpoint_format)
         return None
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""Reading and writing DCP checkpoints safely: tensors as raw bytes (:mod:`raw_storage`),
-other values unpickled with ``weights_only=True``, and one error listing what does not
+"""Reading and writing DCP checkpoints safely: tensors as raw bytes (:mod:`raw_storage`) or,
+with ``checkpoint.format: dcp``, in DCP's own files; other values unpickled with
+``weights_only=True``, and one error listing what does not
 match the job before DCP fails somewhere inside its planner. The backends call it for
 their state; the manager does not."""
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
 from trainer.checkpoint.errors import CheckpointLoadError
+from trainer.checkpoint.manager import CHECKPOINT_FORMATS
 from trainer.checkpoint.raw_storage import RawTensorReader, RawTensorWriter
 
 
@@ -34,16 +37,29 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def write_dcp(state: dict[str, Any], directory: Path) -> None:
-    """This rank's part of ``state`` into ``directory`` (collective)."""
-    dcp.save(state, storage_writer=RawTensorWriter(str(directory)))
+def write_dcp(state: dict[str, Any], directory: Path, *, storage_format: str = "raw") -> None:
+    """This rank's part of ``state`` into ``directory`` (collective), in ``storage_format``
+    (``CheckpointConfig.format``)."""
+    dcp.save(state, storage_writer=_storage_writer(directory, storage_format))
 
 
-def write_dcp_async(state: dict[str, Any], directory: Path, *, process_group: dist.ProcessGroup) -> Future:
+def write_dcp_async(state: dict[str, Any], directory: Path, *, process_group: dist.ProcessGroup,
+                    storage_format: str = "raw") -> Future:
     """Like :func:`write_dcp`, but the state is copied to host memory and written by a
     background thread; its collectives use ``process_group`` (a gloo group of its own, so
     they never interleave with the training's)."""
-    return dcp.async_save(state, storage_writer=RawTensorWriter(str(directory)), process_group=process_group)
+    return dcp.async_save(state, storage_writer=_storage_writer(directory, storage_format), process_group=process_group)
+
+
+def _storage_writer(directory: Path, storage_format: str) -> FileSystemWriter:
+    """``raw``: our raw tensor bytes; ``dcp``: DCP's own files (a ``torch.save`` per tensor),
+    which stock tools such as ``format_utils.dcp_to_torch_save`` read. :func:`read_dcp`
+    reads both."""
+    if storage_format == "raw":
+        return RawTensorWriter(str(directory))
+    if storage_format == "dcp":
+        return FileSystemWriter(str(directory))
+    raise ValueError(f"checkpoint.format must be one of {list(CHECKPOINT_FORMATS)}, got {storage_format!r}")
 
 
 def read_dcp(state: dict[str, Any], directory: str | Path) -> None:

@@ -5,7 +5,7 @@ schedule; the loop's own parts go beside them, :mod:`trainer.checkpoint.parts`);
 files are read and written is :mod:`trainer.checkpoint.dcp_io`.
 
 Layout: ``<run.dir>/checkpoints/step_<N>/`` (``.metadata``, one ``.distcp`` of raw tensor
-bytes per rank (``raw_storage``), ``meta.json``) and
+bytes per rank (``raw_storage``; DCP's own with ``checkpoint.format: dcp``), ``meta.json``) and
 ``checkpoints/latest``, a symlink to the newest complete one.
 
 Atomicity: every rank writes into ``step_<N>.partial``; only after all ranks finished
@@ -44,6 +44,9 @@ from trainer.checkpoint.errors import CheckpointLoadError, CheckpointSaveError
 log = logging.getLogger(__name__)
 
 
+CHECKPOINT_FORMATS = ("raw", "dcp")  # DCP storage of DDP checkpoints, see CheckpointConfig.format
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only the final one
@@ -53,10 +56,16 @@ class CheckpointConfig:
     # DDP only: write in a background thread while training goes on; the checkpoint becomes
     # `latest` at the first step boundary after every rank finished writing.
     async_save: bool = False
+    # DDP only. "raw": our storage, tensors as raw bytes (raw_storage.py, the faster save);
+    # "dcp": DCP's stock FileSystemWriter, which stock tools (format_utils.dcp_to_torch_save)
+    # read. polytask loads both.
+    format: str = "raw"
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint.format must be one of {list(CHECKPOINT_FORMATS)}, got {self.format!r}")
 
 
 

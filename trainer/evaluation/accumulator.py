@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from trainer.evaluation.dense_metrics import TOP_K, semantic_confusion, topk_hits
+from trainer.evaluation.dense_metrics import TOP_K, ranked_classes, semantic_confusion
 from data_pipelines.streaming.eval_loader import ImageRecord
 from trainer.evaluation.predictions import coco_results
 from trainer.evaluation.source_spec import SourceSpec
@@ -24,6 +24,9 @@ class SourceAccumulator:
     confusion: Tensor | None = None  # semantic, [C, C] over the label space
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(TOP_K, 0))
     classified: int = 0
+    # classification, one per image: image_id, file_name, label and the top-5 (label-space
+    # indices) with their probabilities over the source's classes
+    classifications: list[dict] = field(default_factory=list)
 
     def add(
         self, output: dict[str, Tensor], record: ImageRecord, *, spec: SourceSpec, input_size: tuple[int, int]
@@ -41,9 +44,14 @@ class SourceAccumulator:
             self.confusion = counts if self.confusion is None else self.confusion + counts
         if spec.image_classes is not None:
             assert record.class_label is not None  # decoded for every classification source
-            for k, hit in topk_hits(output["class_logits"], record.class_label, classes=spec.image_classes).items():
-                self.hits[k] += hit
+            ranked, probabilities = ranked_classes(output["class_logits"], classes=spec.image_classes)
+            for k in TOP_K:
+                self.hits[k] += int(record.class_label in ranked[:k])
             self.classified += 1
+            self.classifications.append({
+                "image_id": record.image_id, "file_name": record.file_name, "label": record.class_label,
+                "top": ranked[:max(TOP_K)], "scores": probabilities[:max(TOP_K)],
+            })
 
     @staticmethod
     def merge(parts: list["SourceAccumulator"]) -> "SourceAccumulator":
@@ -57,4 +65,5 @@ class SourceAccumulator:
             for k in TOP_K:
                 merged.hits[k] += part.hits[k]
             merged.classified += part.classified
+            merged.classifications += part.classifications
         return merged

@@ -49,11 +49,33 @@ def semantic_scores(confusion: Tensor, *, classes: list[int]) -> dict[str, float
     }
 
 
+def source_classes(classes: list[int]) -> list[int]:
+    """A source's label-space indices (raw class id -> index), each once, in its own class order."""
+    return list(dict.fromkeys(classes))
+
+
+def ranked_classes(logits: Tensor, *, classes: list[int]) -> tuple[list[int], list[float]]:
+    """The source's classes (label-space indices), best first, and their softmax
+    probabilities over the source's classes only."""
+    index = torch.tensor(source_classes(classes), device=logits.device)
+    source_logits = logits[index].float()
+    order = source_logits.argsort(descending=True, stable=True)
+    return index[order].tolist(), source_logits.softmax(dim=0)[order].tolist()
+
+
 def topk_hits(logits: Tensor, label: int, *, classes: list[int]) -> dict[int, int]:
     """{k: 1 if ``label`` is among the top-k of the source's classes else 0} for k in ``TOP_K``."""
-    index = torch.tensor(classes, device=logits.device)
-    ranked = index[logits[index].float().argsort(descending=True, stable=True)].tolist()
+    ranked, _ = ranked_classes(logits, classes=classes)
     return {k: int(label in ranked[:k]) for k in TOP_K}
+
+
+def class_confusion(labels: list[int], predictions: list[int], *, classes: list[int]) -> list[list[int]]:
+    """Image counts over ``source_classes(classes)``: row = truth, column = top-1 prediction."""
+    position = {c: i for i, c in enumerate(source_classes(classes))}
+    matrix = [[0] * len(position) for _ in position]
+    for label, prediction in zip(labels, predictions):
+        matrix[position[label]][position[prediction]] += 1
+    return matrix
 
 
 def classification_scores(hits: dict[int, int], count: int) -> dict[str, float]:

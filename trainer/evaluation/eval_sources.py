@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from data_pipelines.label_space import LabelSpace
+from data_pipelines.label_space import LabelSpace, keypoint_remap
 from data_pipelines.manifest import Manifest, load_manifest
 from trainer.evaluation.config import EvalConfig
 
@@ -58,12 +58,11 @@ def map_eval_sources(train: LabelSpace, manifests: list[Manifest]) -> LabelSpace
             space.class_remap[m.name] = _indices(m, m.classes, train.image_classes, "classes")
         if "keypoints" in tasks:
             assert m.keypoints is not None  # Manifest.validate guarantees it
-            trained = train.keypoints.names if train.keypoints else []
-            if m.keypoints.names != trained:
-                raise ValueError(
-                    f"validation source {m.name!r}: keypoints {m.keypoints.names} differ from the "
-                    f"training keypoints {trained} (same names in the same order are needed)"
-                )
+            if train.keypoints is None:
+                raise ValueError(f"validation source {m.name!r}: labels keypoints, which no training source does")
+            # Scored on its own keypoints, picked by name from the model's unified ones.
+            space.keypoint_remap[m.name] = keypoint_remap(m.keypoints, train.keypoints,
+                                                       source=f"validation source {m.name!r}")
     return space
 
 

@@ -4,6 +4,10 @@ rank returns the same metrics.
 Output (rank 0) in ``out_dir``::
 
     <source>_<iou_type>_results.json   standard COCO results (original ids and pixels)
+    <source>_classification_predictions.jsonl   one line per image: image id, file name, true
+                                       class, top-5 classes with probabilities, correct
+    <source>_classification_confusion.json      {"classes", "matrix"}: images per true class
+                                       (row) and top-1 prediction (column)
     summary.json                       every metric; per source the ground-truth json and
                                        COCOeval params each results file was scored with,
                                        and the OKS sigmas of keypoint sources
@@ -27,7 +31,12 @@ from data_pipelines.streaming.transforms import TransformConfig
 from trainer.evaluation.accumulator import SourceAccumulator
 from trainer.evaluation.coco_metrics import CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.config import EvalConfig
-from trainer.evaluation.dense_metrics import classification_scores, semantic_scores
+from trainer.evaluation.dense_metrics import (
+    class_confusion,
+    classification_scores,
+    semantic_scores,
+    source_classes,
+)
 from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
 from data_pipelines.streaming.eval_loader import build_eval_loader, expected_images
 from trainer.evaluation.source_spec import SourceSpec, source_spec
@@ -159,6 +168,7 @@ def _score_and_write(
             scores["semantic"] = semantic_scores(confusion, classes=spec.semantic_classes)
         if spec.image_classes is not None:
             scores["classification"] = classification_scores(acc.hits, acc.classified)
+            sources[name].update(_write_classifications(acc, spec, out_dir=out_dir))
         for task, values in scores.items():
             metrics.update({f"val/{name}/{task}/{k}": v for k, v in values.items()})
     seconds = time.perf_counter() - started
@@ -168,6 +178,29 @@ def _score_and_write(
     (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
     log.info("evaluation: %d images in %.1f s, results in %s", images, seconds, out_dir)
     return metrics
+
+
+def _write_classifications(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> dict[str, str]:
+    """Per-image predictions and the confusion matrix of a classification source, by class name;
+    returns the summary entries naming the files."""
+    assert spec.image_classes is not None and spec.image_class_names is not None
+    names = spec.image_class_names
+    records = sorted(acc.classifications, key=lambda r: r["image_id"])
+    lines = [
+        json.dumps({
+            "image_id": r["image_id"], "file_name": r["file_name"], "label": names[r["label"]],
+            "prediction": names[r["top"][0]], "correct": r["top"][0] == r["label"],
+            "top5": [{"class": names[c], "score": p} for c, p in zip(r["top"], r["scores"])],
+        })
+        for r in records
+    ]
+    predictions = out_dir / f"{spec.name}_classification_predictions.jsonl"
+    predictions.write_text("".join(line + "\n" for line in lines))
+    matrix = class_confusion([r["label"] for r in records], [r["top"][0] for r in records], classes=spec.image_classes)
+    confusion = out_dir / f"{spec.name}_classification_confusion.json"
+    classes = [names[c] for c in source_classes(spec.image_classes)]
+    confusion.write_text(json.dumps({"classes": classes, "matrix": matrix, "rows": "true class", "columns": "top-1 prediction"}))
+    return {"classification_predictions": predictions.name, "classification_confusion": confusion.name}
 
 
 def _score_coco(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> tuple[dict[str, dict], dict]:

@@ -42,12 +42,14 @@ def coco_results(
             bbox = [x0, y0, x1 - x0, y1 - y0]
             results["bbox"].append({**base[i], "category_id": categories["thing"][i], "bbox": bbox})
     if "segm" in results and known:
-        rles = _encode_masks(output["masks"][known], record.height, record.width)
+        rles = encode_masks(output["masks"][known], record.height, record.width)
         for i, rle in zip(known, rles):
             # No "bbox" key: with one, loadRes takes the result for a box and its area from the box.
             results["segm"].append({**base[i], "category_id": categories["thing"][i], "segmentation": rle})
     if "keypoints" in results:
-        points = output["keypoints"].float()
+        # The source's own keypoints, in its order, out of the model's unified ones.
+        assert spec.keypoint_indices is not None  # set for every source scored on keypoints
+        points = output["keypoints"][:, list(spec.keypoint_indices)].float()
         points = points * torch.tensor([scale_x, scale_y, 1.0], device=points.device)
         for i, values in enumerate(points.flatten(1).tolist()):
             if categories["keypoints"][i] is not None:
@@ -64,7 +66,7 @@ def _categories(labels: list[int], spec: SourceSpec) -> dict[str, list[int | Non
     return {"thing": thing, "keypoints": [c if c in spec.keypoint_category_ids else None for c in thing]}
 
 
-def _encode_masks(masks: Tensor, height: int, width: int) -> list[dict]:
+def encode_masks(masks: Tensor, height: int, width: int) -> list[dict]:
     """[N, 1, h, w] probabilities -> compressed RLEs at the original (height, width)."""
     probs = F.interpolate(masks.float(), size=(height, width), mode="bilinear", align_corners=False)
     # Resized and thresholded where the model ran: only the uint8 masks cross to the host.

@@ -23,8 +23,12 @@ class SourceSpec:
     index_to_category: dict[int, int] | None
     keypoint_category_ids: tuple[int, ...]  # categories whose annotations carry keypoints
     kpt_oks_sigmas: list[float] | None  # the source's own OKS sigmas
+    # The model's (unified) keypoint index of each of the source's keypoints, in its order;
+    # None: not scored on keypoints
+    keypoint_indices: tuple[int, ...] | None
     semantic_classes: list[int] | None  # the source's label-space indices; None: not scored
     image_classes: list[int] | None
+    image_class_names: dict[int, str] | None = None  # label-space index -> class name (classification)
     num_semantic_classes: int  # label-space size, the confusion matrix side
     tasks: tuple[str, ...] = ()  # the model heads this source is scored on
 
@@ -59,8 +63,13 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
         index_to_category=None if mapping is None else {index: cid for cid, index in mapping.items()},
         keypoint_category_ids=keypoint_ids,
         kpt_oks_sigmas=list(manifest.keypoints.sigmas) if "keypoints" in iou_types and manifest.keypoints else None,
+        keypoint_indices=tuple(label_space.keypoint_remap[manifest.name]) if "keypoints" in iou_types else None,
         semantic_classes=label_space.semantic_remap[manifest.name] if "semantic" in tasks else None,
         image_classes=label_space.class_remap[manifest.name] if "classification" in tasks else None,
+        image_class_names=(
+            {i: label_space.image_classes[i] for i in label_space.class_remap[manifest.name]}
+            if "classification" in tasks else None
+        ),
         num_semantic_classes=len(label_space.semantic_classes),
         tasks=tuple(t for t in TASKS if t in tasks),
     )

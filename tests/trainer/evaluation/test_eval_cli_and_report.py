@@ -11,7 +11,7 @@ from PIL import Image, ImageStat
 from launcher.cli import main as polytask
 from tests.conftest import REPO
 from tests.trainer.evaluation.tiny_sources import SOURCES
-from launcher.report import DPI, FIGSIZE
+from launcher.report import DPI, FIGSIZE, _metric_limits, render_report
 
 STEPS = 2
 PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
@@ -55,8 +55,11 @@ def test_report_renders_pngs_of_the_expected_size(run, capsys):
     assert polytask(["report", str(run_dir)]) == 0
     written = capsys.readouterr().out.split()
     names = {p.rsplit("/", 1)[1] for p in written}
-    assert {"losses.png", "metrics.png", "weights.png"} <= names
-    assert all(n.startswith("cosine_") for n in names - {"losses.png", "metrics.png", "weights.png"})
+    # Static loss weights: no weights.png (losses.png says they are constant); the classification
+    # source's confusion matrix from the last evaluation.
+    assert {"losses.png", "metrics.png", "confusion_tiny_classes.png"} <= names
+    assert "weights.png" not in names
+    assert all(n.startswith("cosine_") for n in names - {"losses.png", "metrics.png", "confusion_tiny_classes.png"})
     for path in written:
         with Image.open(path) as image:
             assert image.size == PNG_SIZE
@@ -75,7 +78,7 @@ def test_report_draws_cosine_heatmaps_when_logged(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert polytask(["report", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert names == ["cosine_10.png", "cosine_30.png", "cosine_40.png", "losses.png", "weights.png"]
+    assert names == ["cosine_10.png", "cosine_30.png", "cosine_40.png", "losses.png"]
     with Image.open(tmp_path / "figs" / "cosine_30.png") as image:
         assert image.size == PNG_SIZE
 
@@ -86,6 +89,27 @@ def test_report_skips_a_torn_last_line_with_a_warning(tmp_path, caplog):
     text = "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"step": 40, "loss/detection": 0.2})[:17]
     (tmp_path / "metrics.jsonl").write_text(text)
     assert polytask(["report", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["losses.png", "weights.png"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["losses.png"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"{tmp_path / 'metrics.jsonl'}:4: skipped a torn line" in warnings[0], warnings
+
+
+def test_report_plots_weights_only_when_they_vary(tmp_path):
+    def report(weights):
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        run.mkdir()
+        rows = [{"step": s, "loss/detection": 1.0 / s, **{f"weight/{t}": w(s) for t, w in weights.items()}}
+                for s in (10, 20, 30)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return sorted(p.name for p in render_report(run))
+
+    assert report({"detection": lambda s: 1.0, "semantic": lambda s: 0.5}) == ["losses.png"]
+    assert report({"detection": lambda s: 1.0, "semantic": lambda s: 1.0 / s}) == ["losses.png", "weights.png"]
+
+
+def test_metric_axes_fit_small_values():
+    # An AP of 0.02 must fill a visible part of its panel, not lie on the zero line of a 0-1 axis.
+    low, high = _metric_limits(0.02)
+    assert low < 0 < 0.02 / high > 0.8
+    assert _metric_limits(0.9)[1] <= 1.05
+    assert _metric_limits(0.0)[1] > 0  # all zeros: still an axis

@@ -155,3 +155,17 @@ def test_deepspeed_checkpoint_files_load_weights_only(zero2, tmp_path):
     torch.save({**states, "payload": Payload()}, model_file)
     with pytest.raises(CheckpointLoadError, match="Weights only load failed.*Unsupported global.*Payload"):
         zero_model_state_dict(copy)
+
+
+def test_export_of_a_zero3_checkpoint_holds_the_trained_weights(tiny, zero3, tmp_path):
+    # polytask export consolidates ZeRO-3's partitions in one process, into plain safetensors.
+    from safetensors.torch import load_file
+
+    args = ["export", "configs/demo_cpu.yaml", "--checkpoint", str(zero3 / "checkpoints" / "latest"),
+            "--out", str(tmp_path), *_overrides(tiny, zero3)]
+    proc = _polytask(args, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    trained = json.loads((zero3 / "summary.json").read_text())["replica_digests"][0]
+    assert weights_digest(load_file(tmp_path / "model.safetensors")) == trained
+    spec = json.loads((tmp_path / "model.json").read_text())
+    assert spec["checkpoint"]["backend"] == "deepspeed" and spec["weights"]["sha256"] == trained

@@ -1,0 +1,142 @@
+"""`polytask export` and `polytask predict` on a real 2-step training of the tiny sources.
+
+Export: rebuilt with `build_model` from model.json + model.safetensors in this plain process
+(no process group), the model predicts exactly what the checkpoint's model predicts.
+Predict: one PNG per image, and predictions.jsonl holds the very numbers that the run's own
+evaluation scored (boxes, scores, mask RLEs, class probabilities) for the same images.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from models import ModelConfig, build_model
+from tests.conftest import REPO
+from tests.trainer.evaluation.tiny_sources import INSTANCE_CATEGORIES, NUM_IMAGES, SOURCES
+from trainer.config import load_config
+from trainer.export import checkpoint_model
+from trainer.weights_digest import weights_digest
+
+STEPS = 2
+EVALUATED = ("tiny_instances", "tiny_classes")
+
+
+def _polytask(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """(run dir, overrides, config): a 2-step run that evaluated itself at its end, one image a batch."""
+    run_dir = tmp_path_factory.mktemp("run")
+    sources = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in SOURCES) + "]"
+    evaluated = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in EVALUATED) + "]"
+    overrides = [
+        f"run.dir={run_dir}", f"data.sources={sources}", f"eval.sources={evaluated}", "eval.best_metric=null",
+        "eval.batch_size=1", "eval.num_workers=0", "data.num_workers=0", "data.transforms.image_size=64",
+        f"trainer.max_steps={STEPS}", "wandb.mode=disabled", "checkpoint.resume=never",
+        # Not the defaults: the rebuilt model must take them from model.json. A threshold of 0
+        # keeps every candidate, so a 2-step model predicts boxes, masks and keypoints.
+        "model.detection_score_thresh=0.0", "model.detections_per_image=7", "model.fpn_channels=64",
+    ]
+    proc = _polytask("train", "configs/demo_cpu.yaml", *overrides)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return run_dir, overrides, load_config("configs/demo_cpu.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    run_dir, overrides, _ = trained
+    out = run_dir / "export"
+    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
+                     "--out", str(out), *overrides)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.split() == [str(out / "model.safetensors"), str(out / "model.json")]
+    return out
+
+
+def test_export_holds_the_trained_weights_and_what_rebuilds_the_model(trained, exported, tiny):
+    run_dir, _, _ = trained
+    spec = json.loads((exported / "model.json").read_text())
+    trained_digest = json.loads((run_dir / "summary.json").read_text())["replica_digests"][0]
+    weights = load_file(exported / "model.safetensors")
+    assert weights_digest(weights) == trained_digest == spec["weights"]["sha256"]  # the weights the run ended with
+    assert spec["checkpoint"]["step"] == STEPS and spec["checkpoint"]["backend"] == "ddp"
+    assert spec["model"]["detections_per_image"] == 7 and spec["model"]["fpn_channels"] == 64
+    space = tiny.label_space
+    assert spec["label_space"] == {"thing_classes": space.thing_classes, "semantic_classes": space.semantic_classes,
+                                   "image_classes": space.image_classes}
+    assert spec["keypoints"]["names"] == space.keypoints.names
+    assert spec["keypoints"]["sigmas"] == space.keypoints.sigmas and len(space.keypoints.sigmas) == len(space.keypoints.names)
+    assert spec["num_classes"] == space.num_classes()
+
+
+def test_exported_model_predicts_what_the_checkpoint_predicts(trained, exported):
+    run_dir, _, cfg = trained
+    # What a user does in a plain process: README's snippet.
+    spec = json.loads((exported / "model.json").read_text())
+    rebuilt = build_model(ModelConfig(**spec["model"]), num_classes=spec["num_classes"])
+    rebuilt.load_state_dict(load_file(exported / "model.safetensors"))
+    rebuilt.eval()
+    reference, _, _ = checkpoint_model(cfg, run_dir / "checkpoints" / "latest")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = rebuilt.predict(images), reference.predict(images)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert sorted(a) == sorted(b)
+        assert len(a["boxes"]) == 7  # every candidate kept, at most detections_per_image
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, tiny):
+    run_dir, overrides, _ = trained
+    raw = tiny.paths["tiny_instances"].parent / "raw"
+    out = run_dir / "predict"
+    proc = _polytask("predict", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
+                     str(raw / "tiny_instances" / "images"), str(raw / "tiny_classes"), "--out", str(out), *overrides)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 * NUM_IMAGES  # one each, though both sources name their files 000.png, ...
+    for png in pngs:
+        with Image.open(png) as image:
+            assert len(image.convert("L").getcolors(maxcolors=256 * 256)) > 10  # drawn, not blank
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * NUM_IMAGES
+    evaluation = run_dir / "eval" / f"step_{STEPS}"
+
+    # Boxes and masks: the evaluation's results of each image, in the source's category ids.
+    coco = json.loads((raw / "tiny_instances" / "annotations.json").read_text())
+    image_ids = {image["file_name"]: image["id"] for image in coco["images"]}
+    category_ids = {c["name"]: c["id"] for c in INSTANCE_CATEGORIES}
+    bbox = json.loads((evaluation / "tiny_instances_bbox_results.json").read_text())
+    segm = json.loads((evaluation / "tiny_instances_segm_results.json").read_text())
+    compared = 0
+    for line in lines:
+        name = os.path.basename(line["file"])
+        if "tiny_instances" not in line["file"]:
+            continue
+        image_id = image_ids[name]
+        # Evaluation scores only the classes the source annotates.
+        ours = [d for d in line["detections"] if d["category"] in category_ids]
+        assert sorted((category_ids[d["category"]], d["bbox"], d["score"]) for d in ours) == sorted(
+            (r["category_id"], r["bbox"], r["score"]) for r in bbox if r["image_id"] == image_id)
+        assert sorted((d["score"], d["segmentation"]["counts"]) for d in ours) == sorted(
+            (r["score"], r["segmentation"]["counts"]) for r in segm if r["image_id"] == image_id)
+        assert all(len(d["keypoints"]) == 3 * len(tiny.label_space.keypoints.names) for d in line["detections"])
+        compared += len(ours)
+    assert compared > 0
+
+    # Classes: the evaluation's per-image top-5 with their probabilities.
+    scored = {r["file_name"]: r["top5"] for r in map(json.loads, (evaluation / "tiny_classes_classification_predictions.jsonl").read_text().splitlines())}
+    classified = {"/".join(line["file"].split("/")[-2:]): line["classification"]["top5"] for line in lines
+                  if "tiny_classes" in line["file"]}
+    assert classified == scored and len(scored) == NUM_IMAGES
