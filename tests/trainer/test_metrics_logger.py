@@ -73,6 +73,13 @@ def test_rows_logged_while_wandb_starts_reach_it(tmp_path):
     for step in range(1, 4):
         logger.log(step, {"loss/total": 1.0 / step})
     logger.close()
-    history = read_history(find_run_file(tmp_path))
+    # The W&B service process writes the run file; once (rarely) CI read it before the rows
+    # had landed, so give it a few seconds.
+    deadline = time.monotonic() + 10
+    while True:
+        history = read_history(find_run_file(tmp_path))
+        if len(history) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert [row["_step"] for row in history] == [1, 2, 3]
     assert history[2]["loss/total"] == 1.0 / 3
