@@ -44,7 +44,7 @@ from data_pipelines.schema import Batch  # noqa: E402
 from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
 from data_pipelines.streaming.transforms import TransformConfig  # noqa: E402
 from trainer.balancers import balancer_class, balancer_names  # noqa: E402
-from trainer.balancing import STATISTICS  # noqa: E402
+from models.trunk_cut import CUTS  # noqa: E402
 from trainer.config import JobConfig, load_config  # noqa: E402
 from trainer.distributed import DistInfo, shutdown_distributed  # noqa: E402
 from trainer.train_loop import Trainer  # noqa: E402
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (the demo's own length: 300)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=QUALITY_METHODS, metavar="METHOD")
-    parser.add_argument("--mode", choices=list(STATISTICS), default="features",
+    parser.add_argument("--mode", choices=list(CUTS), default="features",
                         help="balancer.statistics of the gradient methods")
     parser.add_argument("--out", default="runs/bench_balancing")
     parser.add_argument("--eval-images", type=int, default=None, help="eval.max_images per source (default: all)")

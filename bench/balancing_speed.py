@@ -42,8 +42,8 @@ from data_pipelines.demo.shards import make_demo_shards  # noqa: E402
 from data_pipelines.schema import Batch  # noqa: E402
 from trainer.balancers import balancer_class, balancer_names, register_balancer  # noqa: E402
 from trainer.balancers.static import Equal  # noqa: E402
-from models.trunk_cut import segment_parameters  # noqa: E402
-from trainer.balancing import STATISTICS, BalancerConfig, LossBalancing  # noqa: E402
+from models.trunk_cut import CUTS, segment_parameters  # noqa: E402
+from trainer.balancing import BalancerConfig, LossBalancing  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from trainer.train_loop import Trainer  # noqa: E402
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--methods", nargs="+", default=methods_to_time(), metavar="METHOD")
-    parser.add_argument("--statistics", nargs="+", default=["features", "fpn", "parameters"], choices=STATISTICS,
+    parser.add_argument("--statistics", nargs="+", default=["features", "fpn", "parameters"], choices=CUTS,
                         help="where gradient methods take their statistics (balancer.statistics)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -57,8 +57,6 @@ from trainer.grad_stats import (
 # Every rank builds the same CountSketch: its seed is part of what the statistics are.
 SKETCH_SEED = 20261206
 
-STATISTICS: tuple[str, ...] = CUTS
-
 
 def _gram_dtype(tensors: list[Tensor]) -> torch.dtype:
     """float32 accumulation (bf16/fp32 models), float64 for a float64 model."""
@@ -87,8 +85,8 @@ class BalancerConfig:
     def __post_init__(self) -> None:
         if self.name not in balancer_names():
             raise ValueError(f"balancer.name: unknown {self.name!r}; expected one of {balancer_names()}")
-        if self.statistics is not None and self.statistics not in STATISTICS:
-            raise ValueError(f"balancer.statistics: unknown {self.statistics!r}; expected one of {list(STATISTICS)}")
+        if self.statistics is not None and self.statistics not in CUTS:
+            raise ValueError(f"balancer.statistics: unknown {self.statistics!r}; expected one of {list(CUTS)}")
         if self.name == "static" and "weights" in self.options:
             raise ValueError("balancer.options.weights: static weights are set in one place, trainer.loss_weights")
         for key, value, default in (("statistics", self.statistics, None), ("gram", self.gram, "exact")):

@@ -308,21 +308,31 @@ def _keypoint_sigmas(
     category: dict, names: list[str], annotation_file: Path, *, name: str, keypoint_sigmas: Sequence[float] | None
 ) -> list[float]:
     """The OKS sigmas keypoint AP is scored with, by the precedence of ``convert_coco``."""
-    if keypoint_sigmas is not None:
-        sigmas, what = list(keypoint_sigmas), "--keypoint-sigmas"
-    elif "sigmas" in category:
-        sigmas, what = category["sigmas"], f"category {category['name']!r}: 'sigmas'"
+    return resolve_keypoint_sigmas(
+        names, given=keypoint_sigmas, declared=category.get("sigmas"),
+        declared_what=f"category {category['name']!r}: 'sigmas'", where=annotation_file,
+        unknown=(f"source {name!r} ({annotation_file}): category {category['name']!r} gives no OKS sigmas for its "
+                 f"{len(names)} keypoints and they are not COCO's 17 person keypoints; keypoint AP uses sigma "
+                 f"{DEFAULT_KEYPOINT_SIGMA} for every keypoint (give --keypoint-sigmas or the category's 'sigmas')"),
+    )
+
+
+def resolve_keypoint_sigmas(names: list[str], *, given: Sequence[float] | None, declared: object | None = None,
+                            declared_what: str = "", where: Path, unknown: str) -> list[float]:
+    """OKS sigmas, first found: ``given`` (--keypoint-sigmas), ``declared`` by the source,
+    COCO's for COCO's 17 person keypoints, else the default with the ``unknown`` warning.
+    Every converter that writes keypoints takes them from here."""
+    if given is not None:
+        sigmas, what = list(given), "--keypoint-sigmas"
+    elif declared is not None:
+        sigmas, what = declared, declared_what
     elif tuple(names) == COCO_PERSON_KEYPOINTS:
         return list(COCO_PERSON_SIGMAS)
     else:
         # Keypoint AP then depends on a made-up tolerance: say so, once per source.
-        log.warning(
-            "source %r (%s): category %r gives no OKS sigmas for its %d keypoints and they are not COCO's 17 "
-            "person keypoints; keypoint AP uses sigma %s for every keypoint (give --keypoint-sigmas or the "
-            "category's 'sigmas')", name, annotation_file, category["name"], len(names), DEFAULT_KEYPOINT_SIGMA,
-        )
+        log.warning("%s", unknown)
         return [DEFAULT_KEYPOINT_SIGMA] * len(names)
     problem = bad_keypoint_sigmas(sigmas, len(names))
     if problem:
-        raise ValueError(f"{annotation_file}: {what} {problem} ({names})")
+        raise ValueError(f"{where}: {what} {problem} ({names})")
     return [float(s) for s in sigmas]

@@ -37,10 +37,10 @@ from data_pipelines.annotation_check import KEYPOINT_VISIBILITIES, check_annotat
 from data_pipelines.bad_data import BadRecords
 from data_pipelines.conversion.coco import (
     COCO_PERSON_KEYPOINTS,
-    COCO_PERSON_SIGMAS,
     COCO_TASKS,
     DEFAULT_KEYPOINT_SIGMA,
     GROUND_TRUTH_NAME,
+    resolve_keypoint_sigmas,
 )
 from data_pipelines.conversion.images import inspect_image, require_dir
 from data_pipelines.conversion.shard_writer import (
@@ -58,7 +58,7 @@ from data_pipelines.conversion.shard_writer import (
     sample_key,
     write_source,
 )
-from data_pipelines.manifest import KeypointSchema, Manifest, bad_keypoint_sigmas
+from data_pipelines.manifest import KeypointSchema, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +281,11 @@ def _keypoint_names(spec: dict, count: int, flip_idx: list[int], data_yaml: Path
 def _keypoint_sigmas(names: list[str], data_yaml: Path, *, name: str,
                      keypoint_sigmas: Sequence[float] | None) -> list[float]:
     """The OKS sigmas, by :func:`convert_coco`'s precedence (YOLO files carry none)."""
-    if keypoint_sigmas is None:
-        if tuple(names) == COCO_PERSON_KEYPOINTS:
-            return list(COCO_PERSON_SIGMAS)
-        log.warning(
-            "source %r (%s): its %d keypoints are not COCO's 17 person keypoints; keypoint AP uses sigma %s "
-            "for every keypoint (give --keypoint-sigmas)", name, data_yaml, len(names), DEFAULT_KEYPOINT_SIGMA,
-        )
-        return [DEFAULT_KEYPOINT_SIGMA] * len(names)
-    problem = bad_keypoint_sigmas(list(keypoint_sigmas), len(names))
-    if problem:
-        raise ValueError(f"{data_yaml}: --keypoint-sigmas {problem} ({names})")
-    return [float(s) for s in keypoint_sigmas]
+    return resolve_keypoint_sigmas(
+        names, given=keypoint_sigmas, where=data_yaml,
+        unknown=(f"source {name!r} ({data_yaml}): its {len(names)} keypoints are not COCO's 17 person keypoints; "
+                 f"keypoint AP uses sigma {DEFAULT_KEYPOINT_SIGMA} for every keypoint (give --keypoint-sigmas)"),
+    )
 
 
 def _dataset_root(spec: dict, data_yaml: Path, root: str | Path | None) -> Path:
