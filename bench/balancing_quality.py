@@ -41,8 +41,9 @@ import torch  # noqa: E402
 from bench.demo_job import DEMO_CONFIG, demo_overrides, single_process_group  # noqa: E402
 from data_pipelines.demo.shards import demo_source_paths, make_demo_shards  # noqa: E402
 from data_pipelines.schema import Batch  # noqa: E402
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader  # noqa: E402
-from data_pipelines.streaming.transforms import TransformConfig  # noqa: E402
+from data_pipelines.streaming.loader import build_train_loader  # noqa: E402
+from data_pipelines.streaming.config import DataConfig, SourceConfig  # noqa: E402
+from data_pipelines.streaming.config import TransformConfig  # noqa: E402
 from trainer.balancers import balancer_class, balancer_names  # noqa: E402
 from models.trunk_cut import CUTS  # noqa: E402
 from trainer.config import JobConfig, load_config  # noqa: E402

@@ -43,7 +43,8 @@ from data_pipelines.schema import Batch  # noqa: E402
 from trainer.balancers import balancer_class, balancer_names, register_balancer  # noqa: E402
 from trainer.balancers.static import Equal  # noqa: E402
 from models.trunk_cut import CUTS, segment_parameters  # noqa: E402
-from trainer.balancing import BalancerConfig, LossBalancing  # noqa: E402
+from trainer.balancing import LossBalancing  # noqa: E402
+from trainer.config import BalancerConfig  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from trainer.train_loop import Trainer  # noqa: E402

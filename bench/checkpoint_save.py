@@ -24,10 +24,11 @@ import torch.distributed as dist
 from data_pipelines.schema import TASKS
 from models import ModelConfig, build_model
 from trainer.backends.ddp import DDPBackend
-from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.checkpoint import Checkpointer
+from trainer.config import CheckpointConfig
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.garbage_collection import StepGarbageCollection
-from trainer.optim import OptimConfig
+from trainer.config import OptimConfig
 
 
 def main() -> None:

@@ -50,9 +50,10 @@ from data_pipelines.manifest import KeypointSchema, Manifest, ShardInfo
 from data_pipelines.streaming.batch_transport import pack, unpack
 from data_pipelines.streaming.collate import collate
 from data_pipelines.streaming.decode import decode_sample, reduction_for
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.tar_samples import TarSamples
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 
 HEIGHT, WIDTH = 480, 640
 SHARD_SAMPLES = 32

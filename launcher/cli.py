@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from launcher.torchrun import torchrun_command
     from trainer.config import load_config
-    from trainer.preflight import preflight_problems
 
     overrides = list(args.overrides)
     slurm_job = None
@@ -119,7 +118,9 @@ def _launch(args: argparse.Namespace) -> int:
         slurm_job = slurm.SlurmJob.from_env()
         # Every node and the batch shell compute the same overrides and pass them on.
         overrides += slurm.job_overrides(args.config, overrides, slurm_job)
-    cfg = load_config(args.config, overrides)  # fail here, before any process is spawned
+    cfg = load_config(args.config, overrides)  # fail here, before any process is spawned (and torch is imported)
+    from trainer.preflight import preflight_problems
+
     if slurm_job is not None:
         world_size = slurm_job.num_nodes * slurm.ranks_per_node(slurm_job, args.nproc_per_node)
     else:
@@ -195,9 +196,11 @@ def _train(args: argparse.Namespace) -> int:
 
     die_with_parent()  # first thing: a rank never outlives its torchrun agent
     from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from trainer.main import run_training
 
-    return run_training(load_config(args.config, args.overrides))
+    return run_training(cfg)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -205,23 +208,26 @@ def _eval(args: argparse.Namespace) -> int:
 
     die_with_parent()
     from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from trainer.main import run_eval
 
-    return run_eval(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    return run_eval(cfg, checkpoint=args.checkpoint)
 
 
 def _export(args: argparse.Namespace) -> int:
     from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from trainer.export import export_model
 
-    for path in export_model(load_config(args.config, args.overrides), args.checkpoint, args.out):
+    for path in export_model(cfg, args.checkpoint, args.out):
         print(path)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.predict import image_files, predict_images
 
     # Positionals after CONFIG are images unless they are overrides (key=value, not a file).
     items = [*args.inputs, *args.overrides]
@@ -230,6 +236,8 @@ def _predict(args: argparse.Namespace) -> int:
     if not inputs:
         raise ConfigError("predict: no images given (IMAGES_OR_DIR)")
     cfg = load_config(args.config, overrides)
+    from trainer.predict import image_files, predict_images
+
     try:
         image_files(inputs)  # a file that is not an image: one line, before the model loads
     except ValueError as e:

@@ -6,6 +6,7 @@ of :data:`FPN_STRIDES` in that order, each ``[B, out_channels, H / stride, W / s
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from models.config import BACKBONES
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -32,6 +35,8 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
         if name in _BACKBONES:
             raise ValueError(f"backbone {name!r} is already registered")
+        if name not in BACKBONES:  # the config checks model.backbone against that list, torch-free
+            raise ValueError(f"backbone {name!r}: add it to models.config.BACKBONES too")
         _BACKBONES[name] = builder
         return builder
 
@@ -92,16 +97,5 @@ def _resnet_fpn(name: str, cfg: ModelConfig) -> BackboneWithFPN:
     )
 
 
-@register_backbone("resnet18")
-def resnet18_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    return _resnet_fpn("resnet18", cfg)
-
-
-@register_backbone("resnet34")
-def resnet34_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    return _resnet_fpn("resnet34", cfg)
-
-
-@register_backbone("resnet50")
-def resnet50_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    return _resnet_fpn("resnet50", cfg)
+for _name in BACKBONES:  # every listed backbone is a torchvision ResNet
+    register_backbone(_name)(functools.partial(_resnet_fpn, _name))

@@ -1,11 +1,16 @@
-"""What the multi-task model is built from: backbone, shared FPN width, tasks and head knobs."""
+"""What the multi-task model is built from: backbone, shared FPN width, tasks and head knobs.
+
+Torch-free, like every config module (trainer/config.py says why)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipelines.schema import TASKS
-from models.backbone import backbone_names
+
+# The registered backbones (models/backbone.py builds one per name): torchvision ResNets
+# with an FPN over layers 2-4.
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 
 # Heads that pool RoIs: they train on ground-truth boxes but predict on detection's boxes.
 CASCADE_TASKS = ("instance_mask", "keypoints")
@@ -55,8 +60,8 @@ class ModelConfig:
     semantic_channels: int = 128
 
     def __post_init__(self) -> None:
-        if self.backbone not in backbone_names():
-            raise ValueError(f"backbone: unknown {self.backbone!r}; registered: {backbone_names()}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r}; registered: {list(BACKBONES)}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: expected a non-empty, duplicate-free subset of {list(TASKS)}, got {self.tasks}")

@@ -13,7 +13,10 @@ backbone has today (``body``: an ``IntermediateLayerGetter``; ``fpn``).
 """
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch-free: the config (balancer.statistics) checks CUTS
+    from torch import nn
 
 CUTS: tuple[str, ...] = ("features", "fpn", "layer4", "layer3", "parameters")
 

@@ -28,16 +28,17 @@ counts; the balancer turns the global statistics into coefficients c, identical 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from models.multitask import MultiTaskOutput
 from data_pipelines.schema import TASK_INDEX, Batch
-from models.trunk_cut import CUTS, segment_parameters
-from trainer.balancers import Balancer, balancer_class, balancer_names, build_balancer
+from models.trunk_cut import segment_parameters
+from trainer.balancers import Balancer, build_balancer
+from trainer.config import BalancerConfig
 from trainer.grad_stats import (
     CountSketch,
     GlobalStats,
@@ -61,60 +62,6 @@ SKETCH_SEED = 20261206
 def _gram_dtype(tensors: list[Tensor]) -> torch.dtype:
     """float32 accumulation (bf16/fp32 models), float64 for a float64 model."""
     return torch.float64 if tensors and tensors[0].dtype == torch.float64 else torch.float32
-
-
-@dataclass(kw_only=True)
-class BalancerConfig:
-    name: str = "static"  # static (weights: trainer.loss_weights), equal, uncertainty, dwa, gradnorm, ...
-    # Where gradient methods take per-task gradients (models.trunk_cut): features = w.r.t. the
-    # shared features z; fpn, layer4, layer3 = the trunk parameters from there up to z;
-    # parameters = every trunk parameter (the reference: a backward through the trunk per unit).
-    # Default (null): fpn for gradient methods, the cheapest cut that sees conflicts between
-    # sources (bench/balancing_speed.py: ~1.02x the step of features on the 2-rank demo).
-    statistics: str | None = None
-    # Gram of shared-parameter gradients over ranks: exact (one reduce-scatter of the T
-    # per-task gradients) or sketch (a CountSketch of sketch_dim values per task; unbiased,
-    # cosine standard error <= sqrt(2 / sketch_dim)). Statistics at z are always exact.
-    gram: Literal["exact", "sketch"] = "exact"
-    sketch_dim: int = 1024
-    # Method hyper-parameters (paper defaults otherwise), e.g. {alpha: 1.5} for gradnorm.
-    options: dict[str, Any] = field(default_factory=dict)
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {
-        "mode": "write balancer.statistics: features (was representation), fpn, layer4, layer3 or parameters"}
-
-    def __post_init__(self) -> None:
-        if self.name not in balancer_names():
-            raise ValueError(f"balancer.name: unknown {self.name!r}; expected one of {balancer_names()}")
-        if self.statistics is not None and self.statistics not in CUTS:
-            raise ValueError(f"balancer.statistics: unknown {self.statistics!r}; expected one of {list(CUTS)}")
-        if self.name == "static" and "weights" in self.options:
-            raise ValueError("balancer.options.weights: static weights are set in one place, trainer.loss_weights")
-        for key, value, default in (("statistics", self.statistics, None), ("gram", self.gram, "exact")):
-            if not self.needs_gram and value != default:
-                raise ValueError(f"balancer.{key}={value!r} would be ignored: balancer.name={self.name!r} "
-                                 f"uses no gradient statistics")
-        if self.gram == "sketch" and self.where == "features":
-            raise ValueError("balancer.gram=sketch would be ignored: statistics at the features (z) are always exact; "
-                             "sketching applies to balancer.statistics=fpn, layer4, layer3 or parameters")
-        if self.gram != "sketch" and self.sketch_dim != 1024:
-            raise ValueError("balancer.sketch_dim would be ignored: it is used with balancer.gram=sketch only")
-        if self.sketch_dim < 1:
-            raise ValueError(f"balancer.sketch_dim: expected a positive number of buckets, got {self.sketch_dim}")
-
-    @property
-    def fixed(self) -> bool:
-        """The coefficients never depend on the step (static, equal)."""
-        return balancer_class(self.name).fixed
-
-    @property
-    def needs_gram(self) -> bool:
-        """A gradient method: per-task gradient passes every step."""
-        return balancer_class(self.name).needs_gram
-
-    @property
-    def where(self) -> str:
-        """``statistics`` resolved: fpn for gradient methods when not set."""
-        return self.statistics or ("fpn" if self.needs_gram else "features")
 
 
 @dataclass
@@ -182,9 +129,10 @@ class LossBalancing:
     def _unit_rows(self, batch: Batch, device: torch.device) -> list[tuple[int, Tensor | None]]:
         """Per unit: its task and the bool mask of this batch's samples it holds (None: none)."""
         rows = []
+        labelled = batch.task_mask.tolist()  # one device-to-host copy per step, not one per unit
         for task, source in zip(self.unit_tasks, self.unit_sources):
-            labelled = batch.task_mask[:, TASK_INDEX[self.tasks[task]]].tolist()
-            mask = [bool(lab) and (source is None or src == source) for lab, src in zip(labelled, batch.sources)]
+            column = TASK_INDEX[self.tasks[task]]
+            mask = [bool(lab[column]) and (source is None or src == source) for lab, src in zip(labelled, batch.sources)]
             rows.append((task, torch.tensor(mask, device=device) if any(mask) else None))
         return rows
 

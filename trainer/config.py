@@ -1,25 +1,25 @@
 """The job config: one typed config per component, composed at the root.
 
 Components receive their own section (``cfg.model``, ``cfg.data`` ...), never the whole job.
+The trainer's own sections are defined here; data, model and evaluation define theirs next
+to their code. Every config module is torch-free: ``polytask launch`` reads and validates a
+config, and reports its errors, in well under a second, before anything imports torch
+(tests/launcher/test_cli_imports.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from data_pipelines.streaming.loader import DataConfig
 from data_pipelines.schema import TASKS
+from data_pipelines.streaming.config import DataConfig
 from models.config import ModelConfig
-from trainer.backends.deepspeed_backend import DeepSpeedConfig
-from trainer.balancing import BalancerConfig
-from trainer.checkpoint import CheckpointConfig
+from models.trunk_cut import CUTS
 from trainer.config_loading import ConfigError, apply_overrides, from_dict, read_yaml
 from trainer.evaluation.config import EvalConfig
 from trainer.metrics_logger import WandbConfig
-from trainer.optim import OptimConfig
-
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -30,6 +30,17 @@ class RunConfig:
         if not self.dir.strip():
             # "" would silently mean the current directory.
             raise ValueError("run.dir is empty; give the run directory")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    # Extra DeepSpeed config keys, merged (recursively) over the generated config.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
 
 @dataclass(kw_only=True)
@@ -70,6 +81,118 @@ class TrainerConfig:
         unknown = sorted(set(self.loss_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"trainer.loss_weights: unknown task(s) {unknown}; expected some of {list(TASKS)}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):  # nan passes every comparison below
+                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]")
+
+
+CHECKPOINT_FORMATS = ("raw", "dcp")  # DCP storage of DDP checkpoints, see CheckpointConfig.format
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    # "auto": continue from checkpoints/latest when present; "never"; or a checkpoint path.
+    resume: str = "auto"
+    # DDP only: write in a background thread while training goes on; the checkpoint becomes
+    # `latest` at the first step boundary after every rank finished writing.
+    async_save: bool = False
+    # DDP only. "raw": our storage, tensors as raw bytes (raw_storage.py, the faster save);
+    # "dcp": DCP's stock FileSystemWriter, which stock tools (format_utils.dcp_to_torch_save)
+    # read. polytask loads both.
+    format: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint.format must be one of {list(CHECKPOINT_FORMATS)}, got {self.format!r}")
+
+
+# Every loss balancer (trainer/balancers), by what its coefficients depend on: "fixed" never
+# change (static, equal); "loss" follows the losses only; "gradient" needs per-task gradient
+# statistics every step. Listed here, torch-free, so that balancer.name is checked when the
+# config loads; registering a balancer (trainer/balancers/registry.py) checks its class
+# against its entry.
+BALANCER_KINDS: dict[str, Literal["fixed", "loss", "gradient"]] = {
+    "static": "fixed", "equal": "fixed",
+    "uncertainty": "loss", "dwa": "loss", "famo": "loss",
+    "gradnorm": "gradient", "mgda": "gradient", "pcgrad": "gradient", "cagrad": "gradient",
+    "imtl_g": "gradient", "aligned_mtl": "gradient", "nash_mtl": "gradient",
+}
+
+
+@dataclass(kw_only=True)
+class BalancerConfig:
+    name: str = "static"  # static (weights: trainer.loss_weights), equal, uncertainty, dwa, gradnorm, ...
+    # Where gradient methods take per-task gradients (models.trunk_cut): features = w.r.t. the
+    # shared features z; fpn, layer4, layer3 = the trunk parameters from there up to z;
+    # parameters = every trunk parameter (the reference: a backward through the trunk per unit).
+    # Default (null): fpn for gradient methods, the cheapest cut that sees conflicts between
+    # sources (bench/balancing_speed.py: ~1.02x the step of features on the 2-rank demo).
+    statistics: str | None = None
+    # Gram of shared-parameter gradients over ranks: exact (one reduce-scatter of the T
+    # per-task gradients) or sketch (a CountSketch of sketch_dim values per task; unbiased,
+    # cosine standard error <= sqrt(2 / sketch_dim)). Statistics at z are always exact.
+    gram: Literal["exact", "sketch"] = "exact"
+    sketch_dim: int = 1024
+    # Method hyper-parameters (paper defaults otherwise), e.g. {alpha: 1.5} for gradnorm.
+    options: dict[str, Any] = field(default_factory=dict)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "mode": "write balancer.statistics: features (was representation), fpn, layer4, layer3 or parameters"}
+
+    def __post_init__(self) -> None:
+        if self.name not in BALANCER_KINDS:
+            raise ValueError(f"balancer.name: unknown {self.name!r}; expected one of {list(BALANCER_KINDS)}")
+        if self.statistics is not None and self.statistics not in CUTS:
+            raise ValueError(f"balancer.statistics: unknown {self.statistics!r}; expected one of {list(CUTS)}")
+        if self.name == "static" and "weights" in self.options:
+            raise ValueError("balancer.options.weights: static weights are set in one place, trainer.loss_weights")
+        for key, value, default in (("statistics", self.statistics, None), ("gram", self.gram, "exact")):
+            if not self.needs_gram and value != default:
+                raise ValueError(f"balancer.{key}={value!r} would be ignored: balancer.name={self.name!r} "
+                                 f"uses no gradient statistics")
+        if self.gram == "sketch" and self.where == "features":
+            raise ValueError("balancer.gram=sketch would be ignored: statistics at the features (z) are always exact; "
+                             "sketching applies to balancer.statistics=fpn, layer4, layer3 or parameters")
+        if self.gram != "sketch" and self.sketch_dim != 1024:
+            raise ValueError("balancer.sketch_dim would be ignored: it is used with balancer.gram=sketch only")
+        if self.sketch_dim < 1:
+            raise ValueError(f"balancer.sketch_dim: expected a positive number of buckets, got {self.sketch_dim}")
+
+    @property
+    def fixed(self) -> bool:
+        """The coefficients never depend on the step (static, equal)."""
+        return BALANCER_KINDS[self.name] == "fixed"
+
+    @property
+    def needs_gram(self) -> bool:
+        """A gradient method: per-task gradient passes every step."""
+        return BALANCER_KINDS[self.name] == "gradient"
+
+    @property
+    def where(self) -> str:
+        """``statistics`` resolved: fpn for gradient methods when not set."""
+        return self.statistics or ("fpn" if self.needs_gram else "features")
 
 
 @dataclass(kw_only=True)

@@ -2,31 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at max_steps
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
-            if not math.isfinite(getattr(self, name)):  # nan passes every comparison below
-                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]")
+from trainer.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -20,7 +20,8 @@ from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import Batch
 from data_pipelines.streaming.tar_samples import TarSamples
-from data_pipelines.streaming.transforms import TransformConfig, build_eval_transforms
+from data_pipelines.streaming.transforms import build_eval_transforms
+from data_pipelines.streaming.config import TransformConfig
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipelines.bad_data import check_bad_fraction, check_policy
+from data_pipelines.bad_data import check_bad_fraction
 from data_pipelines.streaming.batch_transport import unpack
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.data_metrics import data_metrics, source_counts
 from data_pipelines.streaming.epoch_plan import SourcePlan
 from data_pipelines.label_space import LabelSpace, build_label_space
@@ -28,109 +28,11 @@ from data_pipelines.schema import Batch
 from data_pipelines.streaming.seeding import derive_seed
 from data_pipelines.streaming.stream import MixedSourceStream
 from data_pipelines.streaming.stream_state import merge_worker_states
-from data_pipelines.streaming.task_sampler import COMPOSITIONS, STRATEGIES, TaskSampler, strategy_weights
-from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
+from data_pipelines.streaming.task_sampler import TaskSampler, strategy_weights
+from data_pipelines.streaming.transforms import build_train_transforms
 from data_pipelines.streaming.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
-
-SHUFFLES = ("stream", "full")
-
-
-@dataclass(kw_only=True)
-class SourceConfig:
-    path: str  # a converted source directory holding manifest.json
-    weight: float | None = None  # only with sampling="fixed"
-    # Where to read the shards from instead of the manifest's paths, e.g.
-    # "pipe:aws s3 cp s3://bucket/coco/coco-{000000..000999}.tar -": a webdataset URL,
-    # brace-expanded to exactly the manifest's shards, in manifest order.
-    shards: str | None = None
-    transforms: TransformConfig | None = None  # this source's own; default: DataConfig.transforms
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    sources: list[SourceConfig]
-    sampling: str = "proportional"  # one of task_sampler.STRATEGIES
-    composition: str = "mixed"  # one of task_sampler.COMPOSITIONS: mixed per sample, or homogeneous batches
-    temperature: float = 2.0  # sampling="temperature": p ∝ n^(1/temperature)
-    batch_size: int = 2  # per rank
-    # Must divide readers_per_rank (or be 0). "auto": this node's cores shared by its local
-    # ranks, one kept for each main process, as a divisor (workers.py; logged by every rank).
-    num_workers: int | str = 1
-    # Shard readers per rank (see epoch_plan). With seed and world size it fixes the
-    # sample sequence; num_workers does not, so it may change between runs.
-    readers_per_rank: int = 4
-    seed: int = 0
-    # Samples per shuffled block, per reader and source (see epoch_plan). Measured with
-    # bench/shuffle_quality.py (class-sorted 20k-sample source, 1000-sample shards, 2 ranks x
-    # 4 readers, batch 8; distinct classes per 4 batches, uniform permutation 9.66): with
-    # open_shards 4, buffers of 64 / 256 / 1024 / 4096 give 8.97 / 8.91 / 9.01 / 9.21, so
-    # the buffer barely matters once several shards are open, while its memory (up to a
-    # block of raw samples per reader and source) and the reading before a (resumed) first
-    # batch grow with it: 64.
-    shuffle_buffer: int = 64
-    # Shards each reader reads at once per source, from that many places spread over the
-    # epoch, interleaved: a slot's samples come from all over the source, reads stay
-    # sequential (same run: open_shards 1 / 4 / 8 give 3.84 / 8.97 / 9.00 at buffer 64).
-    open_shards: int = 4
-    # "stream": sequential reads as above; "full": one random permutation of every epoch,
-    # each sample read on its own (local disks or other random-access storage only).
-    shuffle: str = "stream"
-    bad_sample_policy: str = "skip"  # raise | skip (drop, count, log)
-    max_bad_fraction: float = 0.01  # skip: fail when more of a source (over all ranks) is bad
-    # skip: max_bad_fraction is judged against at least this many samples read of the
-    # source, so that a few bad samples early on (or in a small source) are not a high rate.
-    bad_fraction_min_samples: int = 1000
-    audit: bool = False  # write <run.dir>/audit/rank_<r>.jsonl: sample keys per step
-    transforms: TransformConfig = field(default_factory=TransformConfig)
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ValueError("DataConfig.sources must list at least one source")
-        if self.sampling not in STRATEGIES:
-            raise ValueError(f"DataConfig.sampling must be one of {list(STRATEGIES)}, got {self.sampling!r}")
-        if self.composition not in COMPOSITIONS:
-            raise ValueError(f"DataConfig.composition must be one of {list(COMPOSITIONS)}, got {self.composition!r}")
-        for i, source in enumerate(self.sources):
-            if self.sampling == "fixed" and (source.weight is None or not source.weight > 0):
-                raise ValueError(
-                    f"DataConfig.sources[{i}].weight must be > 0 with sampling='fixed', got {source.weight}"
-                )
-            if self.sampling != "fixed" and source.weight is not None:
-                raise ValueError(
-                    f"DataConfig.sources[{i}].weight is only used with sampling='fixed' (sampling is {self.sampling!r})"
-                )
-            if source.transforms is not None and source.transforms.image_size != self.transforms.image_size:
-                # Batches mix sources and stack their images.
-                raise ValueError(
-                    f"DataConfig.sources[{i}].transforms.image_size must equal transforms.image_size "
-                    f"({self.transforms.image_size}), got {source.transforms.image_size}"
-                )
-        if not self.temperature > 0:
-            raise ValueError(f"DataConfig.temperature must be > 0, got {self.temperature}")
-        if self.batch_size < 1:
-            raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
-        if isinstance(self.num_workers, str) and self.num_workers != "auto":
-            raise ValueError(f"DataConfig.num_workers must be an integer >= 0 or 'auto', got {self.num_workers!r}")
-        if isinstance(self.num_workers, int) and self.num_workers < 0:
-            raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
-        if self.readers_per_rank < 1:
-            raise ValueError(f"DataConfig.readers_per_rank must be >= 1, got {self.readers_per_rank}")
-        if isinstance(self.num_workers, int) and self.num_workers and self.readers_per_rank % self.num_workers:
-            raise ValueError(
-                f"DataConfig.num_workers ({self.num_workers}) must divide readers_per_rank "
-                f"({self.readers_per_rank}): each reader's batches go to one worker"
-            )
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.open_shards < 1:
-            raise ValueError(f"DataConfig.open_shards must be >= 1, got {self.open_shards}")
-        if self.shuffle not in SHUFFLES:
-            raise ValueError(f"DataConfig.shuffle must be one of {list(SHUFFLES)}, got {self.shuffle!r}")
-        check_policy(self.bad_sample_policy, self.max_bad_fraction, where="DataConfig")
-        if self.bad_fraction_min_samples < 0:
-            raise ValueError(f"DataConfig.bad_fraction_min_samples must be >= 0, got {self.bad_fraction_min_samples}")
 
 
 def load_manifests(cfg: DataConfig) -> list[Manifest]:

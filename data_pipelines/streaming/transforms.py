@@ -6,9 +6,7 @@ is dropped from all of them at once.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torchvision import tv_tensors
@@ -16,49 +14,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from data_pipelines.schema import IGNORE_INDEX
+from data_pipelines.streaming.config import TransformConfig
 
 INSTANCE_KEYS: tuple[str, ...] = ("boxes", "labels", "iscrowd", "masks", "keypoints", "keypoint_visibility")
-
-
-@dataclass(kw_only=True)
-class TransformConfig:
-    image_size: int = 128  # every image becomes image_size x image_size, so batches stack
-    hflip_prob: float = 0.5
-    # Scale jitter: the image is resized to (s * image_size)^2 with s uniform in
-    # scale_range, then randomly cropped (s > 1) or padded (s < 1) back to image_size^2.
-    # Boxes leaving the crop are clipped (dropped once empty), keypoints leaving it are
-    # marked unlabelled. (1, 1) is a plain resize, as evaluation does.
-    scale_range: tuple[float, float] = (1.0, 1.0)
-    # Colour jitter (torchvision ColorJitter factors); 0 = off. Images only.
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    # Decode JPEGs at 1/2, 1/4 or 1/8 of their size (libjpeg DCT scaling) when that still
-    # leaves decode_size() pixels on both sides; annotations follow (see decode.py).
-    # False decodes every pixel.
-    reduced_decode: bool = True
-
-    def decode_size(self) -> int | None:
-        """The side every decoded image must keep, on both axes: the largest the
-        transforms resize to (scale jitter included). None: decode at full size."""
-        if not self.reduced_decode:
-            return None
-        return math.ceil(self.image_size * self.scale_range[1])
-
-    def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise ValueError(f"TransformConfig.image_size must be >= 1, got {self.image_size}")
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ValueError(f"TransformConfig.hflip_prob must be in [0, 1], got {self.hflip_prob}")
-        self.scale_range = tuple(self.scale_range)
-        if len(self.scale_range) != 2 or not 0.0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"TransformConfig.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TransformConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"TransformConfig.hue must be in [0, 0.5], got {self.hue}")
 
 
 def build_train_transforms(cfg: TransformConfig, *, flip_permutation: list[int] | None) -> Callable[[dict], dict]:

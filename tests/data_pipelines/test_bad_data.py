@@ -11,11 +11,12 @@ import tarfile
 import pytest
 import torch
 
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.manifest import load_manifest
 from data_pipelines.streaming.shard_reader import ManifestMismatch
 from data_pipelines.streaming.stream import BadSampleError, TooManyBadSamples
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import (
     KEYPOINT_SCHEMA,
     boxed_sample,

@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipelines.streaming.batch_transport import pack, unpack
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from tests.data_pipelines.test_batch_transport import SAMPLES
 
 

@@ -17,12 +17,13 @@ from PIL import Image
 
 from data_pipelines.conversion import convert_image_folder
 from data_pipelines.manifest import load_manifest
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.reshard import reshard_states
 from data_pipelines.streaming.stream_state import unpack_segments
 from data_pipelines.streaming.tar_samples import TarSamples
 from data_pipelines.streaming.task_sampler import TaskSampler, strategy_weights
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from launcher.data_cli import add_data_subcommands, run_data_command
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 

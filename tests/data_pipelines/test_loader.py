@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from data_pipelines.streaming.collate import collate
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.schema import TASKS, Batch, task_mask_for
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, boxed_sample, sample_member, write_source
 
 SIZE = 16

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, boxed_sample, write_source
 
 STEPS = 12

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from data_pipelines.demo.shards import demo_source_paths
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.workers import auto_num_workers, resolve_num_workers
 
 

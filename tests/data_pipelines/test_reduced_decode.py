@@ -13,7 +13,8 @@ from data_pipelines.streaming.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import IGNORE_INDEX
-from data_pipelines.streaming.transforms import TransformConfig, build_train_transforms
+from data_pipelines.streaming.transforms import build_train_transforms
+from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, jpeg_bytes, png_bytes, sample_member
 
 TASKS = ["detection", "instance_mask", "keypoints", "semantic"]

@@ -6,11 +6,12 @@ from collections import Counter
 import pytest
 
 from data_pipelines.streaming.epoch_plan import SourcePlan
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.reshard import reshard_states
 from data_pipelines.streaming.source_reader import SourceReader
 from data_pipelines.streaming.stream_state import pack_segments, unpack_segments
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source
 
 SIZES = [5, 5, 5, 5, 3, 4]  # 27 samples

@@ -10,7 +10,7 @@ from collections import Counter
 
 from data_pipelines.manifest import load_manifest
 from data_pipelines.streaming.epoch_plan import SourcePlan
-from data_pipelines.streaming.loader import DataConfig, SourceConfig
+from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.source_reader import SourceReader
 from tests.conftest import REPO
 from tests.data_pipelines.shard_fixtures import boxed_sample, write_source

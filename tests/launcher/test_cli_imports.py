@@ -38,3 +38,79 @@ def test_importing_the_cli_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+# A config error is found and reported by the launcher's own process before torch is
+# imported: each command reads its config first (issue 16: errors answer in under a second).
+_CONFIG_ERRORS = [
+    (["balancer.name=pcgradd"], "balancer.name: unknown 'pcgradd'"),
+    (["model.backbone=resnet19"], "backbone: unknown 'resnet19'"),
+    (["model.tasks=[detection,depth]"], "tasks: expected"),
+    (["data.shuffle=sorted"], "DataConfig.shuffle must be one of"),
+    (["data.transforms.hue=0.9"], "TransformConfig.hue"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["checkpoint.format=zip"], "checkpoint.format must be one of"),
+    (["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3", "balancer.name=pcgrad"], "ZeRO stage 3"),
+    (["balancer.statistics=layer9", "balancer.name=pcgrad"], "balancer.statistics: unknown 'layer9'"),
+    (["model.no_such_knob=1"], "no_such_knob"),
+]
+_COMMAND_ARGS = {
+    "launch": ["launch", "configs/demo_cpu.yaml", "--nproc-per-node", "2"],
+    "train": ["train", "configs/demo_cpu.yaml"],
+    "eval": ["eval", "configs/demo_cpu.yaml", "--checkpoint", "runs/none"],
+    "export": ["export", "configs/demo_cpu.yaml", "--checkpoint", "runs/none", "--out", "runs/none-export"],
+    "predict": ["predict", "configs/demo_cpu.yaml", "README.md", "--checkpoint", "runs/none", "--out", "runs/none-out"],
+}
+_ERROR_PROBE = """
+import sys
+from launcher.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "torchvision", "webdataset", "deepspeed", "wandb") if m in sys.modules)
+print("RC=%s HEAVY=%s" % (rc, ",".join(heavy)))
+"""
+
+
+def _probe_config_error(command: str, overrides: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _ERROR_PROBE, *_COMMAND_ARGS[command], *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "RC=2 HEAVY=", (proc.stdout[-500:], proc.stderr[-2000:])
+    assert "polytask: error: configs/demo_cpu.yaml:" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", _CONFIG_ERRORS, ids=[o[0][-1] for o in _CONFIG_ERRORS])
+def test_launch_reports_a_config_error_before_torch_is_imported(overrides, message):
+    _probe_config_error("launch", overrides, message)
+
+
+@pytest.mark.parametrize("command", [c for c in _COMMAND_ARGS if c != "launch"])
+def test_every_command_reports_a_config_error_before_torch_is_imported(command):
+    _probe_config_error(command, *_CONFIG_ERRORS[0])
+
+
+def test_every_registered_balancer_and_backbone_is_listed_for_the_config():
+    """The config checks names against torch-free lists; a name listed there but not registered
+    would pass the config and fail on every rank after start-up (registration checks the
+    other direction)."""
+    from models.backbone import backbone_names
+    from models.config import BACKBONES
+    from trainer.balancers import balancer_class, balancer_names
+    from trainer.config import BALANCER_KINDS, BalancerConfig
+
+    assert sorted(balancer_names()) == sorted(BALANCER_KINDS)
+    assert backbone_names() == sorted(BACKBONES)
+    for name in BALANCER_KINDS:
+        cls, cfg = balancer_class(name), BalancerConfig(name=name)
+        assert (cfg.fixed, cfg.needs_gram) == (cls.fixed, cls.needs_gram), name
+
+
+def test_registering_a_balancer_of_another_kind_than_listed_fails():
+    from trainer.balancers import Balancer, register_balancer
+
+    class LossOnly(Balancer):  # needs no gradients: kind "loss"
+        needs_gram = False
+
+        def _solve(self, gram, losses, present):
+            return losses
+
+    with pytest.raises(ValueError, match=r"'unlisted' \(LossOnly\) is of kind 'loss'.*BALANCER_KINDS"):
+        register_balancer("unlisted")(LossOnly)

@@ -14,8 +14,9 @@ from data_pipelines.manifest import load_manifest
 from data_pipelines.schema import TASK_INDEX
 from data_pipelines.streaming.decode import decode_sample
 from data_pipelines.streaming.eval_loader import source_samples
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
+from data_pipelines.streaming.config import TransformConfig
 from models import build_model
 from models.config import ModelConfig
 

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLoadError, read_dcp, write_dcp
+from trainer.checkpoint import Checkpointer, CheckpointLoadError, read_dcp, write_dcp
+from trainer.config import CheckpointConfig
 
 run_dir = Path(sys.argv[1])
 dist.init_process_group("gloo")

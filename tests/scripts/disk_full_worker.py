@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointSaveError, write_dcp
+from trainer.checkpoint import Checkpointer, CheckpointSaveError, write_dcp
+from trainer.config import CheckpointConfig
 
 root = Path(sys.argv[1])
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

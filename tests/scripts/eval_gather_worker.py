@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.label_space import build_label_space
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 from data_pipelines.manifest import load_manifest
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.trainer.evaluation.fakes import GroundTruthModel
 from tests.trainer.evaluation.tiny_sources import IMAGE_SIZE, SOURCES
 from trainer.evaluation.config import EvalConfig

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipelines.streaming.loader import DataConfig, SourceConfig, build_train_loader
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.streaming.config import DataConfig, SourceConfig
+from data_pipelines.streaming.config import TransformConfig
 
 
 def config(source: str, *, num_workers: int) -> DataConfig:

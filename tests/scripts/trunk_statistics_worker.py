@@ -22,7 +22,8 @@ from models.config import ModelConfig
 from data_pipelines.schema import TASK_INDEX, TASKS as ALL_TASKS, Batch
 from models.multitask import GradientTaps, MultiTaskOutput
 from models.trunk_cut import segment_parameters
-from trainer.balancing import SKETCH_SEED, BalancerConfig, LossBalancing
+from trainer.balancing import SKETCH_SEED, LossBalancing
+from trainer.config import BalancerConfig
 from trainer.grad_stats import CountSketch, gram_matrix, reduce_statistics, source_gram, task_gradients_wrt
 
 dist.init_process_group("gloo")

@@ -194,7 +194,8 @@ def _saved_steps(run_dir, steps, *, keep_last=5):
     """Real checkpoints of ``steps`` written by a Checkpointer (call inside _one_rank_group)."""
     import torch
 
-    from trainer.checkpoint import CheckpointConfig, Checkpointer, write_dcp
+    from trainer.checkpoint import Checkpointer, write_dcp
+    from trainer.config import CheckpointConfig
 
     checkpointer = Checkpointer(run_dir=run_dir, cfg=CheckpointConfig(keep_last=keep_last), is_main=True)
     for step in steps:
@@ -218,7 +219,8 @@ def test_broken_latest_resumes_from_the_newest_complete_step(tmp_path, caplog, d
     import os
     import shutil
 
-    from trainer.checkpoint import CheckpointConfig, Checkpointer
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import CheckpointConfig
 
     with _one_rank_group():
         _saved_steps(tmp_path, [10, 20, 30, 40])
@@ -245,7 +247,8 @@ def test_only_incomplete_checkpoints_are_an_error_naming_them(tmp_path):
     """Checkpoints there but none complete: refuse, naming each, rather than start over."""
     import os
 
-    from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLoadError
+    from trainer.checkpoint import Checkpointer, CheckpointLoadError
+    from trainer.config import CheckpointConfig
 
     with _one_rank_group():
         _saved_steps(tmp_path, [10, 20])
@@ -407,7 +410,8 @@ def _train_with_best(run_dir, *, keep_last, saves, best_steps):
     step is the best so far, ``mark_best``; then ``finish``. Returns what is left on disk."""
     import torch
 
-    from trainer.checkpoint import CheckpointConfig, Checkpointer, write_dcp
+    from trainer.checkpoint import Checkpointer, write_dcp
+    from trainer.config import CheckpointConfig
 
     with _one_rank_group():
         checkpointer = Checkpointer(run_dir=run_dir, cfg=CheckpointConfig(keep_last=keep_last), is_main=True)

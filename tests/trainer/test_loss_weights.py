@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import REPO
 from trainer.balancers import balancer_names, build_balancer
-from trainer.balancing import BalancerConfig, LossBalancing
+from trainer.balancing import LossBalancing
+from trainer.config import BalancerConfig
 from trainer.config import load_config
 from trainer.config_loading import ConfigError
 

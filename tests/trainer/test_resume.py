@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import REPO, SCRIPTS, demo_source_overrides, run_torchrun
 from trainer.backends.deepspeed_checkpoint import zero_model_state_dict
-from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.checkpoint import Checkpointer
+from trainer.config import CheckpointConfig
 
 STEPS = 8
 

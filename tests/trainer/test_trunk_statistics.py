@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import SCRIPTS, run_torchrun
-from trainer.balancing import BalancerConfig
+from trainer.config import BalancerConfig
 from trainer.config import load_config
 from trainer.config_loading import ConfigError
 from trainer.grad_stats import CountSketch

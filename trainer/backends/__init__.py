@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer.backends.base import TrainBackend
-from trainer.optim import OptimConfig
+from trainer.config import OptimConfig
 from trainer.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)

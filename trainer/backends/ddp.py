@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backends.base import TrainBackend
 from trainer.checkpoint import read_dcp, write_dcp, write_dcp_async
-from trainer.optim import OptimConfig, build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.config import OptimConfig
 
 
 def forward_buffer_sync(enabled: bool) -> dict[str, bool]:

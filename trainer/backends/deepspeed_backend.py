@@ -10,7 +10,6 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,10 @@ from trainer.backends.base import TrainBackend
 from trainer.backends.deepspeed_checkpoint import TAG as _TAG
 from trainer.backends.deepspeed_checkpoint import load_file
 from trainer.backends.deepspeed_universal import UNIVERSAL_DIR, saved_world_size, universal_copy, universal_load
+from trainer.config import DeepSpeedConfig
 from trainer.checkpoint import CheckpointLoadError, mismatch_error, read_dcp, write_dcp
-from trainer.optim import OptimConfig, build_optimizer, build_scheduler
-
-
-@dataclass(kw_only=True)
-class DeepSpeedConfig:
-    zero_stage: int = 2
-    # Extra DeepSpeed config keys, merged (recursively) over the generated config.
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"trainer.deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.config import OptimConfig
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accum_steps: int,

@@ -6,16 +6,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainer.balancers.base import Balancer
+from trainer.config import BALANCER_KINDS
 
 _BALANCERS: dict[str, type[Balancer]] = {}
 
 
 def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
-    """Register a :class:`Balancer` subclass as ``name``; a name can be taken once."""
+    """Register a :class:`Balancer` subclass as ``name``; a name can be taken once, and must be
+    listed in ``trainer.config.BALANCER_KINDS`` with the class's kind (the config checks
+    ``balancer.name`` against that list without importing the balancers)."""
 
     def decorator(cls: type[Balancer]) -> type[Balancer]:
         if name in _BALANCERS:
             raise ValueError(f"a balancer named {name!r} is already registered ({_BALANCERS[name].__name__})")
+        kind = "fixed" if cls.fixed else "gradient" if cls.needs_gram else "loss"
+        if BALANCER_KINDS.get(name) != kind:
+            raise ValueError(f"balancer {name!r} ({cls.__name__}) is of kind {kind!r}: list it so in "
+                             f"trainer.config.BALANCER_KINDS (has {BALANCER_KINDS.get(name)!r})")
         cls.name = name
         _BALANCERS[name] = cls
         return cls

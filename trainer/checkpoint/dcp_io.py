@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
 from trainer.checkpoint.errors import CheckpointLoadError
-from trainer.checkpoint.manager import CHECKPOINT_FORMATS
+from trainer.config import CHECKPOINT_FORMATS
 from trainer.checkpoint.raw_storage import RawTensorReader, RawTensorWriter
 
 

@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,34 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.config import CheckpointConfig
 from trainer.checkpoint.errors import CheckpointLoadError, CheckpointSaveError
 
 log = logging.getLogger(__name__)
-
-
-CHECKPOINT_FORMATS = ("raw", "dcp")  # DCP storage of DDP checkpoints, see CheckpointConfig.format
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0 = only the final one
-    keep_last: int = 2
-    # "auto": continue from checkpoints/latest when present; "never"; or a checkpoint path.
-    resume: str = "auto"
-    # DDP only: write in a background thread while training goes on; the checkpoint becomes
-    # `latest` at the first step boundary after every rank finished writing.
-    async_save: bool = False
-    # DDP only. "raw": our storage, tensors as raw bytes (raw_storage.py, the faster save);
-    # "dcp": DCP's stock FileSystemWriter, which stock tools (format_utils.dcp_to_torch_save)
-    # read. polytask loads both.
-    format: str = "raw"
-
-    def __post_init__(self) -> None:
-        if self.every < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
-        if self.format not in CHECKPOINT_FORMATS:
-            raise ValueError(f"checkpoint.format must be one of {list(CHECKPOINT_FORMATS)}, got {self.format!r}")
-
 
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

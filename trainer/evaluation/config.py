@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipelines.label_space import LabelSpace
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from trainer.evaluation.accumulator import SourceAccumulator
 from trainer.evaluation.coco_metrics import CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.config import EvalConfig

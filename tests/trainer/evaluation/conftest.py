@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.label_space import LabelSpace, build_label_space
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 from data_pipelines.manifest import Manifest, load_manifest
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from tests.trainer.evaluation.tiny_sources import IMAGE_SIZE, SOURCES, write_tiny_sources
 from trainer.evaluation.config import EvalConfig
 

@@ -13,7 +13,8 @@ from data_pipelines.streaming.collate import collate
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
 from data_pipelines.schema import IGNORE_INDEX, TASKS
-from data_pipelines.streaming.transforms import TransformConfig, build_eval_transforms
+from data_pipelines.streaming.transforms import build_eval_transforms
+from data_pipelines.streaming.config import TransformConfig
 from trainer.evaluation.eval_sources import map_eval_sources
 from data_pipelines.streaming.eval_loader import EvalStream
 

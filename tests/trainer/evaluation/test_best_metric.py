@@ -1,6 +1,6 @@
 import pytest
 
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 from trainer.evaluation.best_metric import BestMetricTracker
 from trainer.evaluation.config import EvalConfig
 

@@ -10,11 +10,11 @@ from pycocotools.cocoeval import COCOeval
 
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import load_manifest
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 from tests.trainer.evaluation.fakes import GroundTruthModel
 from tests.trainer.evaluation.pycocotools_reference import pycocotools_stats
 from tests.trainer.evaluation.tiny_sources import IMAGE_SIZE, write_coco_person_source
-from data_pipelines.streaming.transforms import TransformConfig
+from data_pipelines.streaming.config import TransformConfig
 from trainer.evaluation.coco_metrics import STAT_NAMES
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.evaluator import evaluate

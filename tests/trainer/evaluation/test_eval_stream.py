@@ -2,7 +2,7 @@
 eval config's validation."""
 import pytest
 
-from data_pipelines.streaming.loader import SourceConfig
+from data_pipelines.streaming.config import SourceConfig
 from tests.trainer.evaluation.tiny_sources import NUM_IMAGES, SOURCES
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.eval_sources import map_eval_sources
