@@ -65,9 +65,10 @@ def methods_to_time() -> list[str]:
     return sorted(names, key=lambda n: (not balancer_class(n).fixed, balancer_class(n).needs_gram))
 
 
-def method_configs(methods: list[str], statistics: list[str]) -> list[tuple[str, str]]:
+def method_configs(methods: list[str], statistics: list[str], grams: list[str] = ("exact",)) -> list[tuple[str, str]]:
     """(method, statistics) pairs to time: every method at ``features`` (the setting is
-    irrelevant for the others), gradient methods also at the other ``statistics``;
+    irrelevant for the others), gradient methods also at the other ``statistics``, once per
+    ``balancer.gram`` in ``grams`` (written ``fpn+sketch``; exact is plain ``fpn``);
     ``static`` and the reference always (the denominators)."""
     known = methods_to_time()
     unknown = sorted(set(methods) - set(known))
@@ -76,8 +77,8 @@ def method_configs(methods: list[str], statistics: list[str]) -> list[tuple[str,
     wanted = {"static", REFERENCE, *methods}
     ordered = [m for m in dict.fromkeys(["static", REFERENCE, *known]) if m in wanted]
     pairs = [(m, "features") for m in ordered]
-    pairs += [(m, where) for where in statistics if where != "features"
-              for m in ordered if balancer_class(m).needs_gram]
+    pairs += [(m, where if gram == "exact" else f"{where}+{gram}") for where in statistics if where != "features"
+              for gram in grams for m in ordered if balancer_class(m).needs_gram]
     return pairs
 
 
@@ -91,7 +92,7 @@ def speed_target(method: str, mode: str) -> float | None:
 
 
 def run_speed(args: argparse.Namespace) -> None:
-    configs = method_configs(args.methods, args.statistics)
+    configs = method_configs(args.methods, args.statistics, args.gram)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = load_config(DEMO_CONFIG, demo_overrides(make_demo_shards(root), root / "run")
@@ -115,7 +116,10 @@ def run_speed(args: argparse.Namespace) -> None:
                 backend.scheduler.load_state_dict(copy.deepcopy(initial_sched))
                 backend.optimizer.zero_grad(set_to_none=True)
                 weights = cfg.trainer.loss_weights if method == "static" else {}
-                trainer.balancing = LossBalancing(BalancerConfig(name=method, statistics=mode if balancer_class(method).needs_gram else None),
+                where, _, gram = mode.partition("+")
+                gradients = balancer_class(method).needs_gram
+                balancer = BalancerConfig(name=method, statistics=where if gradients else None, gram=gram or "exact")
+                trainer.balancing = LossBalancing(balancer,
                                                   trainer.tasks,
                                                   static_weights=weights, world_size=world)
                 synchronize()
@@ -211,6 +215,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=methods_to_time(), metavar="METHOD")
     parser.add_argument("--statistics", nargs="+", default=["features", "fpn", "parameters"], choices=CUTS,
                         help="where gradient methods take their statistics (balancer.statistics)")
+    parser.add_argument("--gram", nargs="+", default=["exact"], choices=["exact", "sketch"],
+                        help="balancer.gram at the cuts other than features (sketch: sketch_dim 1024)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides of the demo job, e.g. model.backbone=resnet50 trainer.precision=bf16")

@@ -77,6 +77,10 @@ class Batch:
         task_mask: bool [B, T], T = len(TASKS).
         keys: sample keys, for audit and debugging.
         sources: source name of each sample.
+        image_sizes: int64 [B, 2], each image's (height, width) before collate padded it
+            (bottom/right; image 0, instance masks 0, semantic ``IGNORE_INDEX``) to the
+            batch's largest. On the CPU, also after :meth:`to`: it sizes crops on the host.
+            None (the default) is filled in as every image filling the batch.
     """
 
     images: torch.Tensor
@@ -84,6 +88,13 @@ class Batch:
     task_mask: torch.Tensor
     keys: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    image_sizes: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_sizes is None:
+            import torch
+
+            self.image_sizes = torch.tensor([list(self.images.shape[-2:])] * self.images.shape[0], dtype=torch.int64)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
@@ -92,6 +103,7 @@ class Batch:
             task_mask=self.task_mask.to(device, non_blocking=True),
             keys=self.keys,
             sources=self.sources,
+            image_sizes=self.image_sizes,
         )
 
     def __len__(self) -> int:

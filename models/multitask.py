@@ -73,11 +73,18 @@ class MultiTaskModel(nn.Module):
         d = self.cfg.size_divisible
         return math.ceil(images.shape[-2] / d) * d, math.ceil(images.shape[-1] / d) * d
 
-    def forward_features(self, images: Tensor) -> Features:
-        """Shared representation: FPN levels p3..p7 of the normalised, padded images."""
+    def forward_features(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | None = None) -> Features:
+        """Shared representation: FPN levels p3..p7 of the normalised, padded images.
+
+        ``image_sizes``: each image's (height, width) when ``images`` holds smaller images
+        padded bottom/right (``Batch.image_sizes``); None: every image fills ``images``."""
         height, width = self.padded_size(images)
         x = (images - self.mean) / self.std
-        # Pad after normalising, with zeros (= the mean colour), as torchvision's detectors do.
+        # Pad after normalising, with zeros (= the mean colour), as torchvision's detectors do;
+        # that includes the padding the batch already holds around its smaller images.
+        for i, (h, w) in enumerate(image_sizes if image_sizes is not None else []):
+            x[i, :, int(h):, :] = 0
+            x[i, :, :, int(w):] = 0
         x = F.pad(x, (0, width - images.shape[-1], 0, height - images.shape[-2]))
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -100,7 +107,7 @@ class MultiTaskModel(nn.Module):
         and the trunk can be given one combined gradient (loss balancing). One call, so
         that a DDP-wrapped model sees a single forward.
         """
-        features = self.forward_features(batch.images)
+        features = self.forward_features(batch.images, _padded_sizes(batch.images, batch.image_sizes))
         head_features = (
             OrderedDict((k, v.detach().requires_grad_(True)) for k, v in features.items())
             if detach_features else features
@@ -114,13 +121,19 @@ class MultiTaskModel(nn.Module):
                                head_features=head_features, taps=taps)
 
     @torch.no_grad()
-    def predict(self, images: Tensor, *, tasks: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+    def predict(
+        self, images: Tensor, *, tasks: Sequence[str] | None = None, image_sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, Tensor]]:
         """Per image: the outputs of ``tasks`` (default: every head), in the unpadded
-        image's pixels. The box cascades (masks, keypoints) also run detection."""
+        image's pixels. The box cascades (masks, keypoints) also run detection.
+
+        ``image_sizes``: each image's (height, width) inside ``images`` when they were padded
+        to one size (``Batch.image_sizes``): its dense outputs are cropped to it and its
+        boxes clipped to it. None: every image fills ``images``."""
         wanted = set(self.heads) if tasks is None else set(tasks) & set(self.heads)
         if wanted & set(CASCADE_TASKS):
             wanted.add("detection")
-        features = self.forward_features(images)
+        features = self.forward_features(images, _padded_sizes(images, image_sizes))
         image_size = self.padded_size(images)
         results: list[dict[str, Tensor]] = [{} for _ in range(images.shape[0])]
         detections = None
@@ -133,8 +146,19 @@ class MultiTaskModel(nn.Module):
                 detections = outputs
             for result, output in zip(results, outputs):
                 result.update(output)
-        height, width = images.shape[-2:]
-        return [_crop(r, height, width) for r in results]
+        if image_sizes is None:
+            image_sizes = [images.shape[-2:]] * len(results)
+        return [_crop(r, int(h), int(w)) for r, (h, w) in zip(results, image_sizes)]
+
+
+def _padded_sizes(images: Tensor, image_sizes: Tensor | Sequence[Sequence[int]] | None) -> list[list[int]] | None:
+    """``image_sizes`` as lists of ints when some image is smaller than ``images``, else None
+    (a square batch: nothing to do, and its features stay exactly as before)."""
+    if image_sizes is None:
+        return None
+    sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else [[int(h), int(w)] for h, w in image_sizes]
+    full = [images.shape[-2], images.shape[-1]]
+    return None if all(size == full for size in sizes) else sizes
 
 
 def _crop(result: dict[str, Tensor], height: int, width: int) -> dict[str, Tensor]:

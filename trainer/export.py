@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data_pipelines.label_space import LabelSpace, build_label_space
+from data_pipelines.streaming.config import TransformConfig
 from data_pipelines.streaming.loader import load_manifests
 from models import ModelConfig, MultiTaskModel, build_model
 from trainer.backends import BACKENDS, load_model_weights
@@ -86,7 +87,7 @@ def export_model(cfg: JobConfig, checkpoint: str | Path, out_dir: str | Path) ->
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)
-    spec = export_spec(model, cfg.model, label_space, transforms_size=cfg.data.transforms.image_size)
+    spec = export_spec(model, cfg.model, label_space, transforms=cfg.data.transforms)
     spec["weights"] = {"file": WEIGHTS_NAME, "sha256": digest}
     spec["checkpoint"] = {"path": str(Path(checkpoint).resolve()), "step": meta.get("step"),
                           "backend": meta.get("backend", "ddp")}
@@ -96,7 +97,7 @@ def export_model(cfg: JobConfig, checkpoint: str | Path, out_dir: str | Path) ->
     return [weights, spec_path]
 
 
-def export_spec(model: nn.Module, model_cfg: ModelConfig, label_space: LabelSpace, *, transforms_size: int) -> dict:
+def export_spec(model: nn.Module, model_cfg: ModelConfig, label_space: LabelSpace, *, transforms: TransformConfig) -> dict:
     """The JSON-able description that rebuilds the model and names its outputs."""
     keypoints = label_space.keypoints
     return {
@@ -118,7 +119,10 @@ def export_spec(model: nn.Module, model_cfg: ModelConfig, label_space: LabelSpac
             "sigmas": list(keypoints.sigmas),  # OKS sigmas, one per keypoint
         },
         # predict() takes float RGB in [0, 1], [B, 3, H, W]; it normalises itself (model.norm_*).
-        "input": {"image_size": transforms_size, "value_range": [0.0, 1.0], "channels": "RGB"},
+        # Resized as evaluation does: square = image_size x image_size; short_side = one
+        # factor, shorter side image_size, longer side at most max_size.
+        "input": {"resize": transforms.resize, "image_size": transforms.image_size, "max_size": transforms.max_size,
+                  "value_range": [0.0, 1.0], "channels": "RGB"},
     }
 
 

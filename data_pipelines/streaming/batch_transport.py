@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from data_pipelines.streaming.collate import TARGET_KEYS, images_to_float, sample_images
+from data_pipelines.streaming.collate import TARGET_KEYS, images_to_float, pad_to_batch, sample_images
 from data_pipelines.schema import Batch
 from data_pipelines.streaming.shared_memory import empty_for_transport
 
@@ -52,6 +52,9 @@ class PackedBatch:
     sources: list[str]
     # target key -> (indices of the samples that have it, their row counts, where the packed tensor lies)
     targets: dict[str, tuple[list[int], list[int], Slot]]
+    # Each image's unpadded (height, width): a plain list, pickled with the rest, not a
+    # tensor that would cost a shared-memory segment of its own.
+    image_sizes: list[tuple[int, int]]
 
     def pin_memory(self) -> "PackedBatch":
         """The same batch with its buffer in page-locked memory (called by the data loader's
@@ -61,6 +64,7 @@ class PackedBatch:
 
 def pack(samples: list[dict]) -> PackedBatch:
     """Transformed samples -> one buffer (in shared memory inside a data-loader worker)."""
+    samples, image_sizes = pad_to_batch(samples)
     images = sample_images(samples)
     end = 0  # bytes placed so far
 
@@ -102,7 +106,7 @@ def pack(samples: list[dict]) -> PackedBatch:
             torch.cat(values, out=slot.view(buffer))
     targets = {key: (have, counts, slot) for key, (have, counts, slot, _) in parts.items()}
     return PackedBatch(buffer, image_slot, mask_slot, [s["key"] for s in samples], [s["source"] for s in samples],
-                       targets)
+                       targets, image_sizes)
 
 
 def unpack(packed: PackedBatch, *, device: torch.device | str | None = None) -> Batch:
@@ -124,4 +128,5 @@ def unpack(packed: PackedBatch, *, device: torch.device | str | None = None) -> 
         task_mask=packed.task_mask.view(buffer),
         keys=packed.keys,
         sources=packed.sources,
+        image_sizes=torch.tensor(packed.image_sizes, dtype=torch.int64),
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.schema import Batch
+from data_pipelines.schema import IGNORE_INDEX, Batch
 from data_pipelines.streaming.shared_memory import empty_for_transport
 
 TARGET_KEYS: tuple[str, ...] = (
@@ -23,8 +23,15 @@ TARGET_KEYS: tuple[str, ...] = (
 )
 
 
+# What padding (collate's, to the batch's largest image) fills each per-pixel entry with:
+# black image, no instance, unlabelled semantic pixel (no loss).
+PAD_VALUES: dict[str, int] = {"image": 0, "masks": 0, "semantic": IGNORE_INDEX}
+
+
 def collate(samples: list[dict]) -> Batch:
-    """Stack images (float32 in [0, 1]) and task masks; targets stay per sample as plain tensors."""
+    """Stack images (float32 in [0, 1]) and task masks, padded to the batch's largest image
+    (see :func:`pad_to_batch`); targets stay per sample as plain tensors."""
+    samples, image_sizes = pad_to_batch(samples)
     images = torch.stack(sample_images(samples))
     return Batch(
         images=images_to_float(images, out=empty_for_transport(images.shape, torch.float32)),
@@ -33,7 +40,30 @@ def collate(samples: list[dict]) -> Batch:
         task_mask=torch.stack([s["task_mask"] for s in samples]),
         keys=[s["key"] for s in samples],
         sources=[s["source"] for s in samples],
+        image_sizes=torch.tensor(image_sizes, dtype=torch.int64),
     )
+
+
+def pad_to_batch(samples: list[dict]) -> tuple[list[dict], list[tuple[int, int]]]:
+    """The samples with image, instance masks and semantic mask padded bottom/right to the
+    batch's largest height and width (:data:`PAD_VALUES`), and each sample's unpadded
+    (height, width). Boxes and keypoints need nothing: the origin stays. Samples that are
+    all one size (square resize) come back as they are."""
+    sizes = [(int(s["image"].shape[-2]), int(s["image"].shape[-1])) for s in samples]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    if all(size == (height, width) for size in sizes):
+        return samples, sizes
+    padded = []
+    for sample, (h, w) in zip(samples, sizes):
+        sample = dict(sample)
+        for key, fill in PAD_VALUES.items():
+            if key in sample and (h, w) != (height, width):
+                value = sample[key].as_subclass(torch.Tensor)
+                out = value.new_full((*value.shape[:-2], height, width), fill)
+                out[..., :h, :w] = value
+                sample[key] = out
+        padded.append(sample)
+    return padded, sizes
 
 
 def sample_images(samples: list[dict]) -> list[torch.Tensor]:

@@ -12,14 +12,28 @@ from data_pipelines.bad_data import check_policy
 from data_pipelines.streaming.task_sampler import COMPOSITIONS, STRATEGIES
 
 
+RESIZES = ("square", "short_side")  # TransformConfig.resize
+
+# Detectron2 / MMDetection's 800 x <=1333: the default long-side cap is image_size in that ratio.
+DEFAULT_MAX_SIZE_RATIO = 1333 / 800
+
+
 @dataclass(kw_only=True)
 class TransformConfig:
-    image_size: int = 128  # every image becomes image_size x image_size, so batches stack
+    # "square": every image becomes image_size x image_size (aspect ratio ignored), so
+    # batches stack as they are. "short_side": one factor per image, shorter side to
+    # s * image_size and longer side at most s * max_size (Detectron2's ResizeShortestEdge);
+    # collate pads each batch to its largest image (bottom/right).
+    resize: str = "square"
+    image_size: int = 128
+    # short_side only: the cap on the longer side; None = round(image_size * 1333 / 800).
+    max_size: int | None = None
     hflip_prob: float = 0.5
-    # Scale jitter: the image is resized to (s * image_size)^2 with s uniform in
-    # scale_range, then randomly cropped (s > 1) or padded (s < 1) back to image_size^2.
-    # Boxes leaving the crop are clipped (dropped once empty), keypoints leaving it are
-    # marked unlabelled. (1, 1) is a plain resize, as evaluation does.
+    # Scale jitter, s uniform in scale_range. square: the image is resized to
+    # (s * image_size)^2, then randomly cropped (s > 1) or padded (s < 1) back to
+    # image_size^2; boxes leaving the crop are clipped (dropped once empty), keypoints
+    # leaving it are marked unlabelled. short_side: s scales both image_size and max_size
+    # (multi-scale training), no crop or pad. (1, 1) is a plain resize, as evaluation does.
     scale_range: tuple[float, float] = (1.0, 1.0)
     # Colour jitter (torchvision ColorJitter factors); 0 = off. Images only.
     brightness: float = 0.0
@@ -33,14 +47,31 @@ class TransformConfig:
 
     def decode_size(self) -> int | None:
         """The side every decoded image must keep, on both axes: the largest the
-        transforms resize to (scale jitter included). None: decode at full size."""
+        transforms resize to (scale jitter included). None: decode at full size.
+
+        short_side: the shorter side is resized to at most this (less when max_size
+        caps the longer side), and a decode that keeps the shorter side at least this
+        keeps the longer side at least its target too (one factor for both)."""
         if not self.reduced_decode:
             return None
         return math.ceil(self.image_size * self.scale_range[1])
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ValueError(f"TransformConfig.resize must be one of {list(RESIZES)}, got {self.resize!r}")
         if self.image_size < 1:
             raise ValueError(f"TransformConfig.image_size must be >= 1, got {self.image_size}")
+        if self.resize == "square" and self.max_size is not None:
+            raise ValueError(
+                f"TransformConfig.max_size is only used with resize='short_side' (resize is 'square'), got {self.max_size}"
+            )
+        if self.resize == "short_side":
+            if self.max_size is None:
+                self.max_size = round(self.image_size * DEFAULT_MAX_SIZE_RATIO)
+            if self.max_size < self.image_size:
+                raise ValueError(
+                    f"TransformConfig.max_size must be >= image_size ({self.image_size}), got {self.max_size}"
+                )
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"TransformConfig.hflip_prob must be in [0, 1], got {self.hflip_prob}")
         self.scale_range = tuple(self.scale_range)
@@ -120,12 +151,13 @@ class DataConfig:
                 raise ValueError(
                     f"DataConfig.sources[{i}].weight is only used with sampling='fixed' (sampling is {self.sampling!r})"
                 )
-            if source.transforms is not None and source.transforms.image_size != self.transforms.image_size:
-                # Batches mix sources and stack their images.
-                raise ValueError(
-                    f"DataConfig.sources[{i}].transforms.image_size must equal transforms.image_size "
-                    f"({self.transforms.image_size}), got {source.transforms.image_size}"
-                )
+            # Batches mix sources and stack (square) or pad (short_side) their images.
+            for name in ("resize", "image_size"):
+                if source.transforms is not None and getattr(source.transforms, name) != getattr(self.transforms, name):
+                    raise ValueError(
+                        f"DataConfig.sources[{i}].transforms.{name} must equal transforms.{name} "
+                        f"({getattr(self.transforms, name)!r}), got {getattr(source.transforms, name)!r}"
+                    )
         if not self.temperature > 0:
             raise ValueError(f"DataConfig.temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1:

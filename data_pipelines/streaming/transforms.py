@@ -20,7 +20,8 @@ INSTANCE_KEYS: tuple[str, ...] = ("boxes", "labels", "iscrowd", "masks", "keypoi
 
 
 def build_train_transforms(cfg: TransformConfig, *, flip_permutation: list[int] | None) -> Callable[[dict], dict]:
-    """Scale jitter + random crop, horizontal flip, colour jitter; see :class:`TransformConfig`.
+    """Scale jitter + random crop (square) or an aspect-preserving multi-scale resize
+    (short_side), horizontal flip, colour jitter; see :class:`TransformConfig`.
 
     Every geometric step is followed by the instance clean-up (clip boxes, hide
     keypoints outside the image, drop instances whose box vanished), so after each
@@ -32,7 +33,10 @@ def build_train_transforms(cfg: TransformConfig, *, flip_permutation: list[int] 
     """
     size = cfg.image_size
     steps: list[Callable[[dict], dict]] = []
-    if cfg.scale_range == (1.0, 1.0):
+    if cfg.resize == "short_side":
+        assert cfg.max_size is not None  # TransformConfig fills it in
+        steps.append(KeepInstancesConsistent(ShortSideResize(size, max_size=cfg.max_size, scale_range=cfg.scale_range)))
+    elif cfg.scale_range == (1.0, 1.0):
         steps.append(KeepInstancesConsistent(Resize(size)))
     else:
         steps.append(KeepInstancesConsistent(SquareScaleJitter(size, scale_range=cfg.scale_range)))
@@ -46,7 +50,11 @@ def build_train_transforms(cfg: TransformConfig, *, flip_permutation: list[int] 
 
 
 def build_eval_transforms(cfg: TransformConfig) -> Callable[[dict], dict]:
-    """Deterministic resize to the training size; annotations are kept as they are."""
+    """Deterministic resize to the training size (short_side: with s = 1); annotations are
+    kept as they are."""
+    if cfg.resize == "short_side":
+        assert cfg.max_size is not None  # TransformConfig fills it in
+        return ShortSideResize(cfg.image_size, max_size=cfg.max_size, scale_range=(1.0, 1.0))
     return v2.Compose([v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
 
 
@@ -98,6 +106,32 @@ class SquareScaleJitter(v2.ScaleJitter):
         low, high = self.scale_range
         side = max(1, round(self.target_size[0] * float(low + torch.rand(()) * (high - low))))
         return {"size": (side, side)}
+
+
+class ShortSideResize:
+    """Detectron2's ``ResizeShortestEdge``: one factor for both axes, so that the shorter
+    side becomes s * ``size`` unless the longer one would pass s * ``max_size``; s uniform
+    in ``scale_range``. Every tv_tensor is resized as :class:`Resize` does."""
+
+    def __init__(self, size: int, *, max_size: int, scale_range: tuple[float, float]) -> None:
+        self.size = size
+        self.max_size = max_size
+        self.scale_range = scale_range
+
+    def output_size(self, height: int, width: int, s: float) -> list[int]:
+        """The (height, width) an image of this size is resized to at scale ``s``."""
+        factor = min(s * self.size / min(height, width), s * self.max_size / max(height, width))
+        return [max(1, round(height * factor)), max(1, round(width * factor))]
+
+    def __call__(self, sample: dict) -> dict:
+        low, high = self.scale_range
+        # No random draw at a fixed scale: evaluation stays deterministic and leaves the RNG alone.
+        s = low if low == high else float(low + torch.rand(()) * (high - low))
+        size = self.output_size(*sample["image"].shape[-2:], s)
+        return {
+            k: F.resize(v, size, antialias=True) if isinstance(v, tv_tensors.TVTensor) else v
+            for k, v in sample.items()
+        }
 
 
 class KeepInstancesConsistent:

@@ -2,11 +2,12 @@ import itertools
 
 import pytest
 import torch
+from torchvision import tv_tensors
 
 from data_pipelines.streaming.collate import collate
 from data_pipelines.streaming.loader import build_train_loader
 from data_pipelines.streaming.config import DataConfig, SourceConfig
-from data_pipelines.schema import TASKS, Batch, task_mask_for
+from data_pipelines.schema import IGNORE_INDEX, TASKS, Batch, task_mask_for
 from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, boxed_sample, sample_member, write_source
 
@@ -211,11 +212,61 @@ def test_config_validation_names_the_field(tmp_path, overrides, field):
         config(tmp_path, **overrides)
 
 
-def test_collate_rejects_images_of_different_sizes():
-    samples = [
-        {"key": f"s/{i}", "source": "s", "image": torch.zeros(3, 8, 8 + i, dtype=torch.uint8),
-         "task_mask": task_mask_for([])}
-        for i in range(2)
-    ]
-    with pytest.raises(ValueError, match=r"cannot stack images.*s/0"):
-        collate(samples)
+def _sized_sample(i: int, height: int, width: int) -> dict:
+    g = torch.Generator().manual_seed(i)
+    return {
+        "key": f"s/{i}", "source": "s", "task_mask": task_mask_for(["detection", "instance_mask", "semantic"]),
+        "image": tv_tensors.Image(torch.randint(1, 256, (3, height, width), dtype=torch.uint8, generator=g)),
+        "boxes": tv_tensors.BoundingBoxes([[1.0, 1.0, 4.0, 5.0]], format="XYXY", canvas_size=(height, width)),
+        "labels": torch.tensor([0]),
+        "masks": tv_tensors.Mask(torch.ones(1, height, width, dtype=torch.uint8)),
+        "semantic": tv_tensors.Mask(torch.randint(0, 3, (height, width), generator=g)),
+    }
+
+
+def test_collate_pads_images_of_different_sizes_and_records_them():
+    samples = [_sized_sample(0, 6, 10), _sized_sample(1, 9, 7)]
+    batch = collate(samples)
+    assert batch.images.shape == (2, 3, 9, 10)
+    assert batch.image_sizes.tolist() == [[6, 10], [9, 7]] and batch.image_sizes.dtype == torch.int64
+    for i, (h, w) in enumerate([(6, 10), (9, 7)]):
+        sample, target = samples[i], batch.targets[i]
+        assert torch.equal(batch.images[i, :, :h, :w], collate([sample]).images[0])
+        assert (batch.images[i, :, h:] == 0).all() and (batch.images[i, :, :, w:] == 0).all()
+        assert torch.equal(target["semantic"][:h, :w], sample["semantic"])
+        assert (target["semantic"][h:] == IGNORE_INDEX).all() and (target["semantic"][:, w:] == IGNORE_INDEX).all()
+        assert target["masks"].shape == (1, 9, 10) and int(target["masks"].sum()) == h * w
+        assert torch.equal(target["boxes"], sample["boxes"].as_subclass(torch.Tensor))  # the origin stays
+
+
+def test_collate_of_one_size_is_unpadded():
+    samples = [_sized_sample(0, 6, 10), _sized_sample(1, 6, 10)]
+    batch = collate(samples)
+    assert batch.images.shape == (2, 3, 6, 10) and batch.image_sizes.tolist() == [[6, 10], [6, 10]]
+    assert torch.equal(batch.targets[1]["semantic"], samples[1]["semantic"].as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_short_side_batches_are_padded_to_their_largest_image(sources, num_workers):
+    # det images are 24x32, seg images 20x20: at image_size 16 they become 16x21 and 16x16.
+    cfg = config(sources, num_workers=num_workers,
+                 transforms=TransformConfig(resize="short_side", image_size=SIZE, hflip_prob=0.0))
+    mixed = 0
+    for batch in take(cfg, rank=0, steps=6):
+        want = [[16, 21] if source == "det" else [16, 16] for source in batch.sources]
+        assert batch.image_sizes.tolist() == want
+        assert batch.images.shape[-2:] == (16, max(w for _, w in want))
+        for target, (h, w) in zip(batch.targets, want):
+            if "semantic" in target:
+                assert target["semantic"].shape == batch.images.shape[-2:]
+                assert (target["semantic"][:, w:] == IGNORE_INDEX).all()
+            if "masks" in target:
+                assert target["masks"].shape[-2:] == batch.images.shape[-2:]
+        mixed += len(set(batch.sources)) > 1
+    assert mixed
+
+
+def test_sources_must_share_the_resize_mode(tmp_path):
+    other = SourceConfig(path="x", transforms=TransformConfig(resize="short_side", image_size=SIZE))
+    with pytest.raises(ValueError, match=r"DataConfig\.sources\[1\]\.transforms\.resize"):
+        config(tmp_path, sources=[SourceConfig(path="y"), other])

@@ -129,6 +129,27 @@ def test_training_targets_do_not_depend_on_the_decode_path():
         assert (reduced["image"].float() - full["image"].float()).abs().mean() < 3
 
 
+@pytest.mark.parametrize("max_size", [200, 40])  # the shorter side rules; the longer side's cap rules
+def test_short_side_never_decodes_below_what_its_resize_needs(max_size):
+    # 96x136, shorter side to 24 * s, s up to 1.5: 36 pixels needed, decoded at 1/2 (48x68).
+    cfg = TransformConfig(resize="short_side", image_size=24, max_size=max_size, scale_range=(0.75, 1.5))
+    assert cfg.decode_size() == 36
+    raw = big_sample(96, 136)
+    assert decode(raw, cfg.decode_size())["image"].shape == (3, 48, 68)
+    transforms = build_train_transforms(cfg, flip_permutation=KEYPOINT_SCHEMA.flip_permutation())
+    for seed in range(6):
+        outs = []
+        for decode_size in (None, cfg.decode_size()):
+            torch.manual_seed(seed)
+            outs.append(transforms(decode(raw, decode_size)))
+        full, reduced = outs
+        # The same output size either way, and a reduced decode is never upsampled.
+        assert reduced["image"].shape == full["image"].shape
+        assert reduced["image"].shape[-2] <= 48 and reduced["image"].shape[-1] <= 68
+        assert torch.allclose(reduced["boxes"], full["boxes"], atol=1e-3)
+        assert torch.allclose(reduced["keypoints"], full["keypoints"], atol=1e-3)
+
+
 def test_decode_size_is_what_the_transforms_need():
     assert TransformConfig(image_size=224).decode_size() == 224
     assert TransformConfig(image_size=224, scale_range=(0.5, 1.5)).decode_size() == 336

@@ -185,10 +185,76 @@ def test_eval_transforms_resize_only():
     assert torch.equal(out["keypoint_visibility"], sample["keypoint_visibility"])
 
 
+def _short_side_checks(sample: dict, out: dict, *, size: float, max_size: float) -> float:
+    """The factor ``out`` was resized by, after checking that it is one factor for both
+    axes (aspect kept), what ResizeShortestEdge gives, and that every annotation followed."""
+    (h, w), (oh, ow) = sample["image"].shape[-2:], out["image"].shape[-2:]
+    factor = min(size / min(h, w), max_size / max(h, w))
+    assert (oh, ow) == (round(h * factor), round(w * factor))
+    assert max(oh, ow) <= round(max_size) and min(oh, ow) <= round(size)
+    assert out["masks"].shape[-2:] == (oh, ow) and out["semantic"].shape == (oh, ow)
+    scale = torch.tensor([ow / w, oh / h])
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), sample["boxes"] * scale.repeat(2))
+    torch.testing.assert_close(out["keypoints"].as_subclass(torch.Tensor), sample["keypoints"] * scale)
+    assert torch.equal(out["labels"], sample["labels"])
+    assert torch.equal(out["keypoint_visibility"], sample["keypoint_visibility"])
+    return factor
+
+
+@pytest.mark.parametrize("height, width, capped", [(60, 100, False), (20, 100, True), (100, 60, False)])
+def test_short_side_resize_keeps_the_aspect_ratio_and_moves_every_annotation(height, width, capped):
+    # image_size 30, max_size 80: 60x100 -> 30x50 (shorter side rules); 20x100 -> 16x80 (the cap rules).
+    sample = make_sample(height, width, [[4, 6, 40, 18], [42, 2, 56, 16]])
+    cfg = TransformConfig(resize="short_side", image_size=30, max_size=80, hflip_prob=0.0)
+    for out in (build_train_transforms(cfg, flip_permutation=PERM)(sample), build_eval_transforms(cfg)(sample)):
+        factor = _short_side_checks(sample, out, size=30, max_size=80)
+        assert (factor < 30 / min(height, width)) == capped
+        check_consistent(out)
+
+
+@pytest.mark.parametrize("max_size, side", [(1000, 0), (40, 1)])
+def test_short_side_scale_range_scales_both_sides_and_its_cap(max_size, side):
+    # 60x100 at image_size 30, s in [0.5, 1.5]: the shorter side is 30 * s (15..45) with a
+    # far cap; with max_size 40 the cap rules and the longer side is 40 * s (20..60).
+    sample = make_sample(60, 100, BOXES)
+    cfg = TransformConfig(resize="short_side", image_size=30, max_size=max_size, scale_range=(0.5, 1.5),
+                          hflip_prob=0.0)
+    transform = build_train_transforms(cfg, flip_permutation=PERM)
+    low, high = (15, 45) if side == 0 else (20, 60)
+    sides = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        out = transform(sample)
+        oh, ow = out["image"].shape[-2:]
+        assert abs(oh * 100 / 60 - ow) <= 1  # one factor for both sides (up to rounding)
+        sides.append(out["image"].shape[-2 + side])
+        assert low <= sides[-1] <= high
+        scale = torch.tensor([ow / 100, oh / 60])
+        torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), sample["boxes"] * scale.repeat(2))
+        torch.testing.assert_close(out["keypoints"].as_subclass(torch.Tensor), sample["keypoints"] * scale)
+        check_consistent(out)
+    assert min(sides) < low + (high - low) / 4 and max(sides) > high - (high - low) / 4  # s spans its range
+
+
+def test_eval_short_side_is_deterministic_at_scale_one():
+    cfg = TransformConfig(resize="short_side", image_size=30, scale_range=(0.5, 1.5))
+    sample = make_sample(60, 100, BOXES)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out = build_eval_transforms(cfg)(sample)
+    assert out["image"].shape == (3, 30, 50)  # max_size defaults to round(30 * 1333 / 800) = 50
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_max_size_with_square_resize_is_an_error():
+    with pytest.raises(ValueError, match="TransformConfig.max_size.*short_side"):
+        TransformConfig(max_size=1333)
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("image_size", 0), ("hflip_prob", 1.5), ("scale_range", (0.0, 1.0)), ("scale_range", (2.0, 1.0)),
-     ("brightness", -0.1), ("hue", 0.6)],
+     ("brightness", -0.1), ("hue", 0.6), ("resize", "longest_side")],
 )
 def test_transform_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"TransformConfig.{field}"):

@@ -111,6 +111,35 @@ def test_predict_on_unpadded_size() -> None:
         assert out["class_scores"].shape == (NUM_CLASSES["classification"],)
 
 
+def test_predict_crops_each_padded_image_to_its_own_size() -> None:
+    # A batch padded to 120x100 around a 120x100 and an 80x60 image (aspect-preserving resizes).
+    m = model(detection_score_thresh=0.0, detections_per_image=5).eval()
+    outputs = m.predict(torch.rand(2, 3, 120, 100), image_sizes=[(120, 100), (80, 60)])
+    for out, (h, w) in zip(outputs, [(120, 100), (80, 60)]):
+        n = len(out["boxes"])
+        assert n == 5 and (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all()
+        assert out["masks"].shape == (n, 1, h, w)
+        assert out["semantic"].shape == (h, w) and out["semantic_logits"].shape[-2:] == (h, w)
+
+
+def test_batch_padding_is_the_mean_colour_whatever_its_pixels() -> None:
+    # Padding is zero after normalisation (the mean colour), as the model's own padding to
+    # size_divisible: the pixels collate put there do not reach the features.
+    m = model().eval()
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    other = images.clone()
+    other[1, :, 40:] = 0.0  # collate's padding (black) below a 40x56 image ...
+    other[1, :, :, 56:] = 0.0
+    images[1, :, 40:] = 1.0  # ... or anything else
+    images[1, :, :, 56:] = 1.0
+    sizes = torch.tensor([[64, 96], [40, 56]])
+    a, b = m.forward_features(images, sizes.tolist()), m.forward_features(other, sizes.tolist())
+    for level in a:
+        assert torch.equal(a[level], b[level]), level
+    plain = m.forward_features(images)
+    assert not torch.equal(plain["p3"][1], a["p3"][1])  # without sizes the pixels count
+
+
 def test_missing_class_count_is_an_error() -> None:
     with pytest.raises(ValueError, match="semantic"):
         build_model(ModelConfig(**SMALL), num_classes={t: 3 for t in TASKS if t != "semantic"})

@@ -20,7 +20,9 @@ def test_gpu_config_loads_passes_preflight_and_builds_with_local_weights(demo_so
     cfg = load_config(CONFIG, [*demo_source_overrides(demo_sources), f"model.backbone_weights={weights}"])
     assert (cfg.model.backbone, cfg.model.backbone_norm, cfg.model.fpn_channels) == ("resnet50", "frozen_bn", 256)
     assert (cfg.trainer.precision, cfg.trainer.device, cfg.data.num_workers) == ("bf16", "cuda", "auto")
-    assert cfg.data.transforms.image_size == 800 and cfg.data.transforms.scale_range == (0.8, 1.0)
+    transforms = cfg.data.transforms
+    assert (transforms.resize, transforms.image_size, transforms.max_size) == ("short_side", 800, 1333)
+    assert transforms.scale_range == (0.8, 1.0)  # shorter side 640..800, as Detectron2's multi-scale
     assert preflight_problems(cfg, world_size=8) == []
     from data_pipelines.streaming.loader import load_manifests
     from data_pipelines.label_space import build_label_space

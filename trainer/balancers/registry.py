@@ -12,17 +12,21 @@ _BALANCERS: dict[str, type[Balancer]] = {}
 
 
 def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
-    """Register a :class:`Balancer` subclass as ``name``; a name can be taken once, and must be
-    listed in ``trainer.config.BALANCER_KINDS`` with the class's kind (the config checks
-    ``balancer.name`` against that list without importing the balancers)."""
+    """Register a :class:`Balancer` subclass as ``name``; a name can be taken once.
+
+    The config checks ``balancer.name`` against ``trainer.config.BALANCER_KINDS``, without
+    importing the balancers: a listed name must be listed with the class's kind. A name
+    registered from outside polytask (a bench, a notebook) is added to that list, so a config
+    built in the same process may name it; ``polytask launch`` knows the listed ones only."""
 
     def decorator(cls: type[Balancer]) -> type[Balancer]:
         if name in _BALANCERS:
             raise ValueError(f"a balancer named {name!r} is already registered ({_BALANCERS[name].__name__})")
         kind = "fixed" if cls.fixed else "gradient" if cls.needs_gram else "loss"
-        if BALANCER_KINDS.get(name) != kind:
-            raise ValueError(f"balancer {name!r} ({cls.__name__}) is of kind {kind!r}: list it so in "
-                             f"trainer.config.BALANCER_KINDS (has {BALANCER_KINDS.get(name)!r})")
+        listed = BALANCER_KINDS.setdefault(name, kind)
+        if listed != kind:
+            raise ValueError(f"balancer {name!r} ({cls.__name__}) is of kind {kind!r}, but "
+                             f"trainer.config.BALANCER_KINDS lists it as {listed!r}")
         cls.name = name
         _BALANCERS[name] = cls
         return cls

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from trainer.evaluation.dense_metrics import TOP_K, ranked_classes, semantic_confusion
 from data_pipelines.streaming.eval_loader import ImageRecord
-from trainer.evaluation.predictions import coco_results
+from trainer.evaluation.predictions import coco_results, valid_region
 from trainer.evaluation.source_spec import SourceSpec
 
 
@@ -31,7 +31,9 @@ class SourceAccumulator:
     def add(
         self, output: dict[str, Tensor], record: ImageRecord, *, spec: SourceSpec, input_size: tuple[int, int]
     ) -> None:
-        """Score one image; ``output`` is the model's, moved to the CPU."""
+        """Score one image; ``output`` is the model's, moved to the CPU, in the resized
+        image's frame of (height, width) ``input_size`` (padding beyond it is dropped)."""
+        output = valid_region(output, input_size)
         self.image_ids.append(record.image_id)
         for iou_type, results in coco_results(output, record, spec, input_size=input_size).items():
             self.coco.setdefault(iou_type, []).extend(results)

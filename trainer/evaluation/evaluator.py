@@ -69,7 +69,7 @@ def evaluate(
         model: the unwrapped ``MultiTaskModel`` (``backend.module``): only its ``heads`` (which
             tasks it predicts) and ``predict`` are used; its train/eval mode is restored.
         cfg: the ``eval`` config section.
-        transforms: the training transform config (evaluation resizes to its ``image_size``).
+        transforms: the training transform config (evaluation resizes as it does, at scale 1).
         label_space: the label space of the training sources, which the model's outputs index.
         rank, world_size: this process in the default process group.
         device: where the model is.
@@ -97,9 +97,11 @@ def evaluate(
             for batch, records in loader:
                 # Only the heads these sources are scored on (the cascades cost the most).
                 tasks = {t for record in records for t in specs[record.source].tasks}
-                outputs = model.predict(batch.images.to(device, non_blocking=True), tasks=sorted(tasks))
-                input_size = (batch.images.shape[-2], batch.images.shape[-1])
-                for output, record in zip(outputs, records):
+                # Each image's own resized size: short_side batches are padded to their largest.
+                image_sizes = [(int(h), int(w)) for h, w in batch.image_sizes.tolist()]
+                outputs = model.predict(batch.images.to(device, non_blocking=True), tasks=sorted(tasks),
+                                        image_sizes=image_sizes)
+                for output, record, input_size in zip(outputs, records, image_sizes):
                     local[record.source].add(output, record, spec=specs[record.source], input_size=input_size)
     finally:
         model.train(was_training)

@@ -23,13 +23,17 @@ def coco_results(
     Args:
         output: one image's ``MultiTaskModel.predict`` dict: ``boxes`` XYXY, ``scores``,
             ``labels`` (label-space index), ``masks`` [N, 1, h, w] probabilities,
-            ``keypoints`` [N, K, 3], all in the (h, w) = ``input_size`` frame the model saw.
+            ``keypoints`` [N, K, 3], all in the (h, w) = ``input_size`` frame: the image as
+            resized, without the padding of its batch (dense outputs may still hold it).
         record: the image's ids and original size.
         spec: the source's mappings.
+        input_size: the image's resized (height, width), before padding; its own
+            (``Batch.image_sizes``), not the batch's, whose images may differ in size.
     """
     results: dict[str, list[dict]] = {t: [] for t in spec.iou_types}
     if not results:
         return results
+    output = valid_region(output, input_size)
     scale_x, scale_y = record.width / input_size[1], record.height / input_size[0]
     categories = _categories(output["labels"].tolist(), spec)
     base = [{"image_id": record.image_id, "score": s} for s in output["scores"].tolist()]
@@ -55,6 +59,15 @@ def coco_results(
             if categories["keypoints"][i] is not None:
                 results["keypoints"].append({**base[i], "category_id": categories["keypoints"][i], "keypoints": values})
     return results
+
+
+def valid_region(output: dict[str, Tensor], input_size: tuple[int, int]) -> dict[str, Tensor]:
+    """``output`` with its dense predictions (``masks``, ``semantic_logits``, ``semantic``)
+    cropped to the image's top-left ``input_size``: padding (bottom/right) is not part of
+    the original image and must not be stretched into it."""
+    height, width = input_size
+    return {k: v[..., :height, :width] if k in ("masks", "semantic_logits", "semantic") else v
+            for k, v in output.items()}
 
 
 def _categories(labels: list[int], spec: SourceSpec) -> dict[str, list[int | None]]:

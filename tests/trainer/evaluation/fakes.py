@@ -47,11 +47,17 @@ class GroundTruthModel(nn.Module):
             self.table[image_digest(collate([sample]).images[0])] = sample
         self.served: list[str] = []  # sample keys, in the order they were predicted
 
-    def predict(self, images: Tensor, *, tasks: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+    def predict(
+        self, images: Tensor, *, tasks: Sequence[str] | None = None, image_sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, Tensor]]:
         # Ground truth carries every labelled task; evaluation reads only the requested ones.
-        samples = [self.table[image_digest(image)] for image in images]
+        if image_sizes is None:
+            image_sizes = [images.shape[-2:]] * len(images)
+        samples = [self.table[image_digest(image[:, :h, :w])] for image, (h, w) in zip(images, image_sizes)]
         self.served += [s["key"] for s in samples]
-        return [self._outputs(s) for s in samples]
+        # Dense outputs in the padded batch's frame, as a model that does not crop gives
+        # them: evaluation must crop each to its own image.
+        return [_padded(self._outputs(s), images.shape[-2:]) for s in samples]
 
     def _outputs(self, sample: dict) -> dict[str, Tensor]:
         height, width = sample["image"].shape[-2:]
@@ -105,3 +111,13 @@ class GroundTruthModel(nn.Module):
         for key, value in spurious.items():
             out[key] = torch.cat([out[key], value])
         return out
+
+
+def _padded(out: dict[str, Tensor], size: Sequence[int]) -> dict[str, Tensor]:
+    """Dense outputs zero-padded bottom/right to ``size``; the rest as they are."""
+    height, width = size
+    for key in ("masks", "semantic_logits"):
+        if key in out:
+            value = out[key]
+            out[key] = F.pad(value, (0, width - value.shape[-1], 0, height - value.shape[-2]))
+    return out

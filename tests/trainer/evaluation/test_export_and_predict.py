@@ -76,6 +76,8 @@ def test_export_holds_the_trained_weights_and_what_rebuilds_the_model(trained, e
     assert spec["keypoints"]["names"] == space.keypoints.names
     assert spec["keypoints"]["sigmas"] == space.keypoints.sigmas and len(space.keypoints.sigmas) == len(space.keypoints.names)
     assert spec["num_classes"] == space.num_classes()
+    assert spec["input"] == {"resize": "square", "image_size": 64, "max_size": None,  # how to resize for the model
+                             "value_range": [0.0, 1.0], "channels": "RGB"}
 
 
 def test_exported_model_predicts_what_the_checkpoint_predicts(trained, exported):
