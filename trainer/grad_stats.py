@@ -133,7 +133,7 @@ def flat_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, dtype: 
 
 
 def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_size: int,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
+                        dtype: torch.dtype = torch.float32, exchange: str | None = None) -> Tensor:
     """This rank's share of the Gram matrix of Σ_r g_i^r, the per-task gradients of the
     ranks' *shared* parameters summed over the ranks (cross-rank terms included).
 
@@ -141,7 +141,10 @@ def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_s
     slice of the parameters and forms that slice's [T, T] Gram; the slices' Grams add up
     (in :func:`reduce_statistics`' all-reduce) to the Gram of the summed gradients. Half
     the bytes of an all-reduce of the gradients, and 1/W of the Gram's flops per rank.
-    Collective when ``world_size`` > 1: every rank calls it, whatever its batch holds."""
+    Collective when ``world_size`` > 1: every rank calls it, whatever its batch holds.
+    ``exchange``: "reduce_scatter", or "all_to_all" (the blocks exchanged, then added here);
+    None: all_to_all on gloo, whose reduce-scatter costs more than a whole all-reduce
+    (20 MB on 2 CPU ranks: reduce-scatter 28.6 ms, all-reduce 19.8, all-to-all 17.3)."""
     flat = flat_task_gradients(grads, like, dtype=dtype)
     if world_size == 1:
         return flat @ flat.T
@@ -150,9 +153,16 @@ def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_s
     padded = torch.nn.functional.pad(flat, (0, chunk * world_size - size))
     # [T, W, chunk] -> [W, T, chunk]: rank r's input block r is the r-th slice of every task.
     blocks = padded.reshape(count, world_size, chunk).transpose(0, 1).contiguous()
-    mine = torch.empty(count * chunk, dtype=dtype, device=flat.device)  # gloo: flat tensors only
-    dist.reduce_scatter_single(mine, blocks.reshape(-1))  # reduce_scatter_tensor, as torch 2.14 names it
-    mine = mine.reshape(count, chunk)
+    if exchange is None:
+        exchange = "all_to_all" if dist.get_backend() == "gloo" else "reduce_scatter"
+    if exchange == "all_to_all":
+        received = torch.empty(world_size * count * chunk, dtype=dtype, device=flat.device)
+        dist.all_to_all_single(received, blocks.reshape(-1))
+        mine = received.reshape(world_size, count, chunk).sum(0)
+    else:
+        mine = torch.empty(count * chunk, dtype=dtype, device=flat.device)
+        dist.reduce_scatter_single(mine, blocks.reshape(-1))  # reduce_scatter_tensor, as torch 2.14 names it
+        mine = mine.reshape(count, chunk)
     return mine @ mine.T
 
 

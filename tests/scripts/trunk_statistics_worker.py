@@ -24,7 +24,8 @@ from models.multitask import GradientTaps, MultiTaskOutput
 from models.trunk_cut import segment_parameters
 from trainer.balancing import SKETCH_SEED, LossBalancing
 from trainer.config import BalancerConfig
-from trainer.grad_stats import CountSketch, gram_matrix, reduce_statistics, source_gram, task_gradients_wrt
+from trainer.grad_stats import (CountSketch, gram_matrix, reduce_statistics, shared_gram_partial, source_gram,
+                                task_gradients_wrt)
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -164,6 +165,19 @@ for statistics, gram_kind in [("fpn", "exact"), ("layer4", "exact"), ("parameter
         local = task_gradients_wrt(shared, sums, TASKS, skip=(counts == 0).tolist())
         summed = reduce_statistics(gram_matrix(local, dtype=torch.float64), torch.zeros(3), counts, world_size=world)
         report[key]["summed_local_grams_error"] = float((summed.gram - ref_gram).abs().max() / scale)
+
+# Both ways of exchanging the gradient blocks give this rank's share of the same Gram.
+torch.manual_seed(100 + rank)
+blocks = [[torch.randn(5, 7, dtype=torch.float64), torch.randn(3, dtype=torch.float64)] for _ in range(3)]
+shares = {e: shared_gram_partial(blocks, blocks[0], world_size=world, dtype=torch.float64, exchange=e)
+          for e in ("all_to_all", "reduce_scatter")}
+for share in shares.values():
+    dist.all_reduce(share)
+summed = [torch.cat([b.reshape(-1) for b in task]) for task in blocks]
+for part in summed:
+    dist.all_reduce(part)
+expected_gram = torch.stack(summed) @ torch.stack(summed).T
+report["exchange_errors"] = {e: float((g - expected_gram).abs().max() / expected_gram.abs().max()) for e, g in shares.items()}
 
 # The sketch itself is one seeded linear map: the same on every rank.
 sketch = CountSketch(trainable, dim=64, seed=SKETCH_SEED)

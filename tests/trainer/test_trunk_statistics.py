@@ -49,6 +49,13 @@ def test_a_cut_sees_the_cross_source_conflict_that_representation_space_cannot(r
 
 
 @pytest.mark.distributed
+def test_both_gradient_exchanges_give_the_gram_of_the_summed_gradients(report):
+    # all_to_all (the default on gloo) and reduce_scatter (elsewhere): both exact.
+    assert report["exchange_errors"]["all_to_all"] < 1e-14, report["exchange_errors"]
+    assert report["exchange_errors"]["reduce_scatter"] < 1e-14, report["exchange_errors"]
+
+
+@pytest.mark.distributed
 def test_the_sketch_stays_within_its_stated_error(report):
     r = report["fpn/sketch"]
     assert r["identical_on_ranks"]
