@@ -59,6 +59,13 @@ class LabelSpace:
             "classification": len(self.image_classes),
         }
 
+    def outputs(self) -> dict[str, list[str]]:
+        """What the model's output indices mean, per kind of label: the names in index order.
+        A checkpoint records it (meta.json); a model is only loaded where it is the same."""
+        return {"thing_classes": list(self.thing_classes), "semantic_classes": list(self.semantic_classes),
+                "image_classes": list(self.image_classes),
+                "keypoints": list(self.keypoints.names) if self.keypoints else []}
+
     def covered(self, source: str, task: str) -> list[int] | None:
         """Sorted label-space indices (keypoint indices for ``keypoints``) that ``source``
         annotates for ``task``; None when the source does not label the task."""
@@ -197,6 +204,27 @@ def build_label_space(manifests: list[Manifest]) -> LabelSpace:
             _check_names(m.name, "classification", m.classes, space.image_classes, "classes")
             space.class_remap[m.name] = _merge(m.classes, space.image_classes)
     return space
+
+
+def output_differences(saved: dict[str, list[str]], current: dict[str, list[str]]) -> list[str]:
+    """One line per kind of label whose names differ between a checkpoint's
+    :meth:`LabelSpace.outputs` (``saved``) and the config's (``current``): what is missing,
+    what is new, or that the order differs (same names, other indices: the weights would
+    load and predict the wrong classes)."""
+    lines = []
+    for kind in sorted(set(saved) | set(current)):
+        old, new = saved.get(kind, []), current.get(kind, [])
+        if old == new:
+            continue
+        missing, added = [n for n in old if n not in new], [n for n in new if n not in old]
+        if missing or added:
+            parts = ([f"only in the checkpoint {missing}"] if missing else []) + ([f"only in the config {added}"] if added else [])
+            lines.append(f"{kind}: " + "; ".join(parts))
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+            lines.append(f"{kind}: the same names in another order (index {first}: checkpoint {old[first]!r}, "
+                         f"config {new[first]!r}); sources in another order in the config merge their classes so")
+    return lines
 
 
 def coverage_lines(table: dict[str, dict[str, str]]) -> list[str]:

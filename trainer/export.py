@@ -35,7 +35,8 @@ from data_pipelines.streaming.config import TransformConfig
 from data_pipelines.streaming.loader import load_manifests
 from models import ModelConfig, MultiTaskModel, build_model
 from trainer.backends import BACKENDS, load_model_weights
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, CheckpointLoadError
+from trainer.checkpoint.compatibility import check_model_record
 from trainer.config import JobConfig
 from trainer.config_loading import ConfigError
 from trainer.distributed import init_distributed, shutdown_distributed
@@ -59,6 +60,10 @@ def checkpoint_model(cfg: JobConfig, checkpoint: str | Path) -> tuple[MultiTaskM
     if backend not in BACKENDS:
         raise ConfigError(f"{checkpoint}: written by an unknown backend {backend!r}")
     label_space = build_label_space(load_manifests(cfg.data))
+    try:
+        check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space)
+    except CheckpointLoadError as e:  # one line, as the other checkpoint problems here
+        raise ConfigError(str(e)) from None
     model = build_model(cfg.model, num_classes=label_space.num_classes())
     # DCP reads collectively: a process group of one, as `polytask eval` uses alone, unless
     # the caller already runs in one.

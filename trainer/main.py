@@ -14,6 +14,7 @@ from data_pipelines.streaming.loader import load_manifests
 from models import build_model
 from trainer.backends import BACKENDS, load_model_weights
 from trainer.checkpoint import Checkpointer, CheckpointLoadError, CheckpointSaveError
+from trainer.checkpoint.compatibility import check_model_record
 from trainer.config import JobConfig
 from trainer.config_loading import ConfigError
 from trainer.distributed import init_distributed, setup_rank_logging, shutdown_distributed
@@ -78,6 +79,7 @@ def run_eval(cfg: JobConfig, *, checkpoint: str | Path) -> int:
         label_space = build_label_space(load_manifests(cfg.data))
         model = build_model(cfg.model, num_classes=label_space.num_classes()).to(dist_info.device)
         try:
+            check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space)
             load_model_weights(model, checkpoint, backend=backend)
         except CheckpointLoadError as e:  # a user error: the message says it all, no traceback
             log.error("%s", e)

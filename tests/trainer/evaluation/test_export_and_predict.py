@@ -142,3 +142,27 @@ def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, ti
     classified = {"/".join(line["file"].split("/")[-2:]): line["classification"]["top5"] for line in lines
                   if "tiny_classes" in line["file"]}
     assert classified == scored and len(scored) == NUM_IMAGES
+
+
+def _sources(names) -> str:
+    return "[" + ", ".join(f"{{path: {p}}}" for p in names) + "]"
+
+
+def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_differences(trained, tiny):
+    """The same heads' sizes with the sources in another order: the classes would swap
+    silently. A source left out: fewer classes. Both are named, before any weight loads."""
+    run_dir, overrides, _ = trained
+    checkpoint = str(run_dir / "checkpoints" / "latest")
+    swapped = ["tiny_people", *[s for s in SOURCES if s != "tiny_people"]]
+    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x1"),
+                     *overrides, f"data.sources={_sources(tiny.paths[s] for s in swapped)}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not fit this config's tasks and data sources" in proc.stderr
+    assert "thing_classes: the same names in another order (index 0: checkpoint 'box', config 'person')" in proc.stderr
+    fewer = [s for s in SOURCES if s != "tiny_classes"]
+    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x2"),
+                     *overrides, f"data.sources={_sources(tiny.paths[s] for s in fewer)}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
+    assert f"image_classes: only in the checkpoint {meta['outputs']['image_classes']}" in proc.stderr
+    assert not (run_dir / "x1").exists() and not (run_dir / "x2").exists()
