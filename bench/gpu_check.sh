@@ -5,6 +5,7 @@
 #   time/data_wait_frac at num_workers auto and 1
 #   trainer step / bare loop (bench.step_overhead, R50 at 800 px, bf16)
 #   balancer step ratios: equal, famo, pcgrad at statistics features and fpn (bench.balancing_speed)
+#   host syncs per train step, and where polytask makes them (bench.host_syncs; list in host_syncs.txt)
 #   checkpoint save / torch.save (bench.checkpoint_save: its fixed demo model, on the GPU)
 #   peak GPU memory (DDP, ZeRO-2)
 # Budget: under 8 minutes on one H100, by estimate, not yet measured (about 1 min of shards,
@@ -52,6 +53,7 @@ if ((dry_run)); then
   overhead_args=(--steps 2 --rounds 1 --threads 1)
   balancing_args=(--steps 1 --rounds 1 --threads 1)
   checkpoint_args=(--repeats 1)
+  sync_args=(--steps 1 --warmup 1)
   export OMP_NUM_THREADS=1
 else
   nproc=${nproc:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}
@@ -63,6 +65,7 @@ else
   overhead_args=(--steps 10 --rounds 3 --threads 4)
   balancing_args=(--steps 4 --rounds 3 --threads 4)
   checkpoint_args=(--repeats 3)
+  sync_args=(--steps 4 --warmup 2)
 fi
 weights="$out/trunk_weights.pth"  # calibrated random trunk (bench/throughput.py), written by the first run
 if ((!dry_run)); then
@@ -113,6 +116,8 @@ step step_overhead "$PY" -m bench.step_overhead --device "$bench_device" --preci
   "${overhead_args[@]}" --set "${bench_model[@]}" trainer.max_bad_steps=1000000
 step balancing_speed "$PY" -m bench.balancing_speed --device "$bench_device" "${balancing_args[@]}" \
   --methods equal famo pcgrad --statistics features fpn \
+  --set "${bench_model[@]}" "trainer.precision=$bench_precision" trainer.max_bad_steps=1000000
+step host_syncs "$PY" -m bench.host_syncs --device "$bench_device" "${sync_args[@]}" \
   --set "${bench_model[@]}" "trainer.precision=$bench_precision" trainer.max_bad_steps=1000000
 step checkpoint_save "$PY" -m bench.checkpoint_save --device "$bench_device" "${checkpoint_args[@]}" --dir "$out"
 

@@ -79,6 +79,8 @@ def main() -> None:
     rows = throughput_rows(d / "throughput.txt")
     rows.append(("trainer step ÷ bare loop", first_match(d / "step_overhead.txt", r"ratio trainer/bare: (\S+)")))
     rows += balancer_rows(d / "balancing_speed.txt")
+    rows.append(("host syncs per step, by polytask's code (list: host_syncs.txt)",
+                 first_match(d / "host_syncs.txt", r"made by polytask's code: ([0-9.]+)")))
     rows.append(("checkpoint save ÷ torch.save",
                  first_match(d / "checkpoint_save.txt", r"ratio polytask/torch\.save: ([0-9.]+)")))
     width = max(len(label) for label, _ in rows)

@@ -59,6 +59,10 @@ class ModelConfig:
     # semantic
     semantic_channels: int = 128
 
+    # classification: 3x3 conv + GroupNorm + ReLU layers shared by the FPN levels before
+    # pooling, as FCOS's classification tower (0: pool the FPN levels directly)
+    classification_head_convs: int = 2
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: unknown {self.backbone!r}; registered: {list(BACKBONES)}")
@@ -89,5 +93,7 @@ class ModelConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.classification_head_convs < 0:
+            raise ValueError(f"classification_head_convs: expected 0 or more, got {self.classification_head_convs}")
         if self.fcos_center_sampling_radius <= 0:
             raise ValueError(f"fcos_center_sampling_radius: expected > 0, got {self.fcos_center_sampling_radius}")

@@ -20,6 +20,19 @@ def run_torchrun(args: list[str], *, nproc: int = 2, timeout: float = 600, cwd: 
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_polytask(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m launcher <args>`` in one process (no torchrun), output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def sources_list(paths) -> str:
+    """A YAML flow list of sources, ``[{path: a}, {path: b}]``, for a ``data.sources=`` or
+    ``eval.sources=`` override."""
+    return "[" + ", ".join(f"{{path: {p}}}" for p in paths) + "]"
+
+
 def demo_source_overrides(shards: Path, *, split: str = "train", section: str = "data") -> list[str]:
     """``<section>.sources.<i>.path=...`` for every demo source, in configs/demo_cpu.yaml's order."""
     from data_pipelines.demo.shards import demo_source_paths

@@ -19,7 +19,8 @@ def test_gpu_check_dry_run_prints_every_row(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     table = out.stdout
     labels = [r[0] for r in THROUGHPUT_ROWS] + [r[0] for r in BALANCER_ROWS] + [
-        "trainer step ÷ bare loop", "checkpoint save ÷ torch.save"]
+        "trainer step ÷ bare loop", "checkpoint save ÷ torch.save",
+        "host syncs per step, by polytask's code (list: host_syncs.txt)"]
     for label in labels:
         row = re.search(rf"^\| {re.escape(label)}\s+\| (.+) \|$", table, re.MULTILINE)
         assert row, f"no row {label!r} in:\n{table}"

@@ -159,3 +159,17 @@ def test_overfits_one_batch() -> None:
         optimizer.step()
     last = {t: v.item() for t, v in m(batch).losses.items()}
     assert all(last[t] < 0.6 * first[t] for t in TASKS), (first, last)
+
+
+def test_the_classification_tower_is_configurable_and_zero_is_the_pooled_linear_head() -> None:
+    # 0 layers: the head of checkpoints written before the tower (classifier.* only), so
+    # those still load with model.classification_head_convs=0.
+    plain = model(classification_head_convs=0).heads["classification"].state_dict()
+    assert sorted(plain) == ["classifier.0.bias", "classifier.0.weight", "classifier.1.bias", "classifier.1.weight"]
+    towered = model(classification_head_convs=2).heads["classification"]
+    assert [type(m).__name__ for m in towered.tower] == ["Conv2d", "GroupNorm", "ReLU"] * 2
+    full = model(classification_head_convs=2)
+    full(make_batch([make_target(0), make_target(1)])).losses["classification"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in full.heads["classification"].tower.parameters())
+    with pytest.raises(ValueError, match="classification_head_convs"):
+        ModelConfig(classification_head_convs=-1)

@@ -1,15 +1,12 @@
 """A real 2-step training run on the tiny sources, `polytask eval` on its checkpoint, then
 `polytask report` on the run directory."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image, ImageStat
 
 from launcher.cli import main as polytask
-from tests.conftest import REPO
+from tests.conftest import run_polytask, sources_list
 from tests.trainer.evaluation.tiny_sources import SOURCES
 from launcher.report import DPI, FIGSIZE, _metric_limits, render_report
 
@@ -17,25 +14,19 @@ STEPS = 2
 PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
 
-def _polytask(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-
-
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    sources = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in SOURCES) + "]"
+    sources = sources_list(tiny.paths[name] for name in SOURCES)
     overrides = [
         f"run.dir={run_dir}", f"data.sources={sources}", f"eval.sources={sources}", "eval.num_workers=0",
         "data.num_workers=0", "data.transforms.image_size=64", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
         "wandb.mode=disabled", "checkpoint.resume=never", "eval.best_metric=val/tiny_instances/bbox/AP",
     ]
-    proc = _polytask("train", "configs/demo_cpu.yaml", *overrides)
+    proc = run_polytask("train", "configs/demo_cpu.yaml", *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     checkpoint = str(run_dir / "checkpoints" / "latest")
-    proc = _polytask("eval", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, *overrides)
+    proc = run_polytask("eval", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return run_dir, json.loads(proc.stdout)
 

@@ -7,8 +7,6 @@ evaluation scored (boxes, scores, mask RLEs, class probabilities) for the same i
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models import ModelConfig, build_model
-from tests.conftest import REPO
+from tests.conftest import run_polytask, sources_list
 from tests.trainer.evaluation.tiny_sources import INSTANCE_CATEGORIES, NUM_IMAGES, SOURCES
 from trainer.config import load_config
 from trainer.export import checkpoint_model
@@ -26,18 +24,12 @@ STEPS = 2
 EVALUATED = ("tiny_instances", "tiny_classes")
 
 
-def _polytask(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """(run dir, overrides, config): a 2-step run that evaluated itself at its end, one image a batch."""
     run_dir = tmp_path_factory.mktemp("run")
-    sources = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in SOURCES) + "]"
-    evaluated = "[" + ", ".join(f"{{path: {tiny.paths[name]}}}" for name in EVALUATED) + "]"
+    sources = sources_list(tiny.paths[name] for name in SOURCES)
+    evaluated = sources_list(tiny.paths[name] for name in EVALUATED)
     overrides = [
         f"run.dir={run_dir}", f"data.sources={sources}", f"eval.sources={evaluated}", "eval.best_metric=null",
         "eval.batch_size=1", "eval.num_workers=0", "data.num_workers=0", "data.transforms.image_size=64",
@@ -46,7 +38,7 @@ def trained(tiny, tmp_path_factory):
         # keeps every candidate, so a 2-step model predicts boxes, masks and keypoints.
         "model.detection_score_thresh=0.0", "model.detections_per_image=7", "model.fpn_channels=64",
     ]
-    proc = _polytask("train", "configs/demo_cpu.yaml", *overrides)
+    proc = run_polytask("train", "configs/demo_cpu.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return run_dir, overrides, load_config("configs/demo_cpu.yaml", overrides)
 
@@ -55,7 +47,7 @@ def trained(tiny, tmp_path_factory):
 def exported(trained):
     run_dir, overrides, _ = trained
     out = run_dir / "export"
-    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
+    proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
                      "--out", str(out), *overrides)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert proc.stdout.split() == [str(out / "model.safetensors"), str(out / "model.json")]
@@ -103,7 +95,7 @@ def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, ti
     run_dir, overrides, _ = trained
     raw = tiny.paths["tiny_instances"].parent / "raw"
     out = run_dir / "predict"
-    proc = _polytask("predict", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
+    proc = run_polytask("predict", "configs/demo_cpu.yaml", "--checkpoint", str(run_dir / "checkpoints" / "latest"),
                      str(raw / "tiny_instances" / "images"), str(raw / "tiny_classes"), "--out", str(out), *overrides)
     assert proc.returncode == 0, proc.stderr[-6000:]
     pngs = sorted(out.glob("*.png"))
@@ -144,9 +136,6 @@ def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, ti
     assert classified == scored and len(scored) == NUM_IMAGES
 
 
-def _sources(names) -> str:
-    return "[" + ", ".join(f"{{path: {p}}}" for p in names) + "]"
-
 
 def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_differences(trained, tiny):
     """The same heads' sizes with the sources in another order: the classes would swap
@@ -154,14 +143,14 @@ def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_d
     run_dir, overrides, _ = trained
     checkpoint = str(run_dir / "checkpoints" / "latest")
     swapped = ["tiny_people", *[s for s in SOURCES if s != "tiny_people"]]
-    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x1"),
-                     *overrides, f"data.sources={_sources(tiny.paths[s] for s in swapped)}")
+    proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x1"),
+                     *overrides, f"data.sources={sources_list(tiny.paths[s] for s in swapped)}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not fit this config's tasks and data sources" in proc.stderr
     assert "thing_classes: the same names in another order (index 0: checkpoint 'box', config 'person')" in proc.stderr
     fewer = [s for s in SOURCES if s != "tiny_classes"]
-    proc = _polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x2"),
-                     *overrides, f"data.sources={_sources(tiny.paths[s] for s in fewer)}")
+    proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x2"),
+                     *overrides, f"data.sources={sources_list(tiny.paths[s] for s in fewer)}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
     assert f"image_classes: only in the checkpoint {meta['outputs']['image_classes']}" in proc.stderr
