@@ -133,7 +133,8 @@ class MultiTaskModel(nn.Module):
         wanted = set(self.heads) if tasks is None else set(tasks) & set(self.heads)
         if wanted & set(CASCADE_TASKS):
             wanted.add("detection")
-        features = self.forward_features(images, _padded_sizes(images, image_sizes))
+        padded = _padded_sizes(images, image_sizes)  # None for a batch of one size: as before
+        features = self.forward_features(images, padded)
         image_size = self.padded_size(images)
         results: list[dict[str, Tensor]] = [{} for _ in range(images.shape[0])]
         detections = None
@@ -141,7 +142,7 @@ class MultiTaskModel(nn.Module):
         for task, head in self.heads.items():
             if task not in wanted:
                 continue
-            outputs = head.predict(features, image_size, detections=detections)
+            outputs = head.predict(features, image_size, detections=detections, image_sizes=padded)
             if task == "detection":
                 detections = outputs
             for result, output in zip(results, outputs):

@@ -30,9 +30,12 @@ class TaskHead(nn.Module, ABC):
 
     @abstractmethod
     def predict(
-        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """One dict of outputs per image; cascade heads read ``detections`` (boxes, labels)."""
+        """One dict of outputs per image; cascade heads read ``detections`` (boxes, labels).
+        ``image_sizes``: each image's (height, width) when the batch pads smaller images
+        (bottom/right) to ``image_size``; None: every image fills it."""
 
 
 def zero_loss(*outputs: Tensor) -> Tensor:

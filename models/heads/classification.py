@@ -54,7 +54,8 @@ class ClassificationHead(TaskHead):
 
     @torch.no_grad()
     def predict(
-        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
         logits = self._logits(features)
         return [{"class_logits": x, "class_scores": x.softmax(dim=0)} for x in logits]

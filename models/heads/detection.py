@@ -88,9 +88,18 @@ class FCOSDetectionHead(TaskHead):
 
     @torch.no_grad()
     def predict(
-        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
         outputs, anchors, per_level = self._run(features, image_size)
+        sizes = [image_size] * len(anchors) if image_sizes is None else [tuple(s) for s in image_sizes]
+        if image_sizes is not None:
+            # A point in an image's padding is not in the image: no detection comes from it
+            # (it would take a top-k slot and end as a box clipped to nothing).
+            centres = torch.stack(anchors)[..., :2].add(torch.stack(anchors)[..., 2:]).div(2)  # [B, N, (x, y)]
+            limits = centres.new_tensor([[w, h] for h, w in sizes])[:, None, :]
+            outside = (centres >= limits).any(dim=-1)
+            outputs = {**outputs, "cls_logits": outputs["cls_logits"].masked_fill(outside[..., None], float("-inf"))}
         split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in outputs.items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
-        return self.postprocess_detections(split_outputs, split_anchors, [image_size] * len(anchors))
+        return self.postprocess_detections(split_outputs, split_anchors, sizes)

@@ -37,7 +37,8 @@ class MaskHead(RoICascadeHead):
 
     @torch.no_grad()
     def predict(
-        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
         if detections is None:
             raise ValueError("the instance_mask head predicts on detections; pass detections=")

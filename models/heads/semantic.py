@@ -63,7 +63,8 @@ class SemanticFPNHead(TaskHead):
 
     @torch.no_grad()
     def predict(
-        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None
+        self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
         logits = self._logits(features, image_size)
         return [{"semantic_logits": x, "semantic": x.argmax(dim=0)} for x in logits]

@@ -122,6 +122,22 @@ def test_predict_crops_each_padded_image_to_its_own_size() -> None:
         assert out["semantic"].shape == (h, w) and out["semantic_logits"].shape[-2:] == (h, w)
 
 
+def test_no_detection_comes_from_a_point_in_the_batch_padding() -> None:
+    # Nothing filtered (score 0, no suppression, room for every point): an image's detections
+    # are exactly its FCOS points x classes, and the points must lie inside it, not in the
+    # padding around it.
+    import math
+
+    from models.backbone import FPN_STRIDES
+
+    m = model(detection_score_thresh=0.0, detection_nms_thresh=1.0, detections_per_image=10_000).eval()
+    sizes = [(120, 100), (80, 60)]
+    detections = m.predict(torch.rand(2, 3, 120, 100), tasks=["detection"], image_sizes=sizes)
+    for out, (h, w) in zip(detections, sizes):
+        inside = sum(math.ceil(h / s) * math.ceil(w / s) for s in FPN_STRIDES.values())  # points at j * stride
+        assert len(out["boxes"]) == inside * NUM_CLASSES["detection"], (h, w, len(out["boxes"]))  # one per class
+
+
 def test_batch_padding_is_the_mean_colour_whatever_its_pixels() -> None:
     # Padding is zero after normalisation (the mean colour), as the model's own padding to
     # size_divisible: the pixels collate put there do not reach the features.
