@@ -132,6 +132,36 @@ def flat_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, dtype: 
     return flat
 
 
+def blocked_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, blocks: int,
+                           dtype: torch.dtype) -> Tensor:
+    """[blocks, T, chunk]: the [T, P] of :func:`flat_task_gradients` cut into ``blocks``
+    slices of ``chunk`` = ⌈P / blocks⌉ coordinates (the last zero-padded), slice r in
+    ``[r]``. Each gradient tensor is copied once, straight to its place: no flat copy,
+    no padded copy, no transposed copy (together 20 ms of a 2-rank CPU demo step)."""
+    size = sum(x.numel() for x in like)
+    chunk = -(-size // blocks)
+    device = like[0].device if like else torch.device("cpu")
+    out = torch.empty(blocks, len(grads), chunk, dtype=dtype, device=device)
+    for block in range(blocks):  # the coordinates past P: padding
+        if (block + 1) * chunk > size:
+            out[block, :, max(0, size - block * chunk):].zero_()
+    for i, task_grads in enumerate(grads):
+        if task_grads is None:
+            out[:, i].zero_()
+            continue
+        start = 0  # of the tensor's coordinates in the task's flat vector
+        for g in task_grads:
+            values = g.reshape(-1)
+            done = 0
+            while done < values.numel():
+                block, offset = divmod(start + done, chunk)
+                take = min(values.numel() - done, chunk - offset)
+                out[block, i, offset:offset + take].copy_(values[done:done + take])
+                done += take
+            start += values.numel()
+    return out
+
+
 def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_size: int,
                         dtype: torch.dtype = torch.float32, exchange: str | None = None) -> Tensor:
     """This rank's share of the Gram matrix of Σ_r g_i^r, the per-task gradients of the
@@ -145,22 +175,19 @@ def shared_gram_partial(grads: TaskGradients, like: Sequence[Tensor], *, world_s
     ``exchange``: "reduce_scatter", or "all_to_all" (the blocks exchanged, then added here);
     None: all_to_all on gloo, whose reduce-scatter costs more than a whole all-reduce
     (20 MB on 2 CPU ranks: reduce-scatter 28.6 ms, all-reduce 19.8, all-to-all 17.3)."""
-    flat = flat_task_gradients(grads, like, dtype=dtype)
+    # [W, T, chunk]: rank r's input block r is the r-th slice of every task.
+    blocks = blocked_task_gradients(grads, like, blocks=world_size, dtype=dtype)
     if world_size == 1:
-        return flat @ flat.T
-    count, size = flat.shape
-    chunk = -(-size // world_size)
-    padded = torch.nn.functional.pad(flat, (0, chunk * world_size - size))
-    # [T, W, chunk] -> [W, T, chunk]: rank r's input block r is the r-th slice of every task.
-    blocks = padded.reshape(count, world_size, chunk).transpose(0, 1).contiguous()
+        return blocks[0] @ blocks[0].T
+    _, count, chunk = blocks.shape
     if exchange is None:
         exchange = "all_to_all" if dist.get_backend() == "gloo" else "reduce_scatter"
     if exchange == "all_to_all":
-        received = torch.empty(world_size * count * chunk, dtype=dtype, device=flat.device)
+        received = torch.empty(world_size * count * chunk, dtype=dtype, device=blocks.device)
         dist.all_to_all_single(received, blocks.reshape(-1))
         mine = received.reshape(world_size, count, chunk).sum(0)
     else:
-        mine = torch.empty(count * chunk, dtype=dtype, device=flat.device)
+        mine = torch.empty(count * chunk, dtype=dtype, device=blocks.device)
         dist.reduce_scatter_single(mine, blocks.reshape(-1))  # reduce_scatter_tensor, as torch 2.14 names it
         mine = mine.reshape(count, chunk)
     return mine @ mine.T

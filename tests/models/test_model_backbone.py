@@ -39,12 +39,15 @@ def test_trainable_backbone_layers(layers: int, trainable: set[str]) -> None:
 
 
 def test_group_norm_keeps_samples_independent() -> None:
+    torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(backbone_norm="group_norm", fpn_channels=64)).train()
     a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         alone = backbone(a)["p3"]
         together = backbone(torch.cat([a, b]))["p3"][:1]
-    assert torch.allclose(alone, together, atol=1e-5)  # no batch statistics
+    # No batch statistics: equal up to the rounding of convolutions run at another batch size
+    # (seen: 1e-4 on values of 3, which atol=1e-5 alone failed once); batch norm differs by O(1).
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
 
 
 def test_loads_local_classification_weights(tmp_path: Path) -> None:

@@ -132,3 +132,19 @@ def test_coefficients_are_bit_identical_on_two_ranks():
     proc = run_torchrun([str(SCRIPTS / "balancer_ranks_worker.py")], nproc=2, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 7])
+def test_blocked_gradients_are_the_flat_ones_cut_into_padded_slices(blocks):
+    from trainer.grad_stats import blocked_task_gradients, flat_task_gradients
+
+    gen = torch.Generator().manual_seed(blocks)
+    for shapes in ([(5, 7), (3,)], [(1,)], [(2,)], [(4, 4), (1,), (9,)]):  # P below, near and above blocks
+        like = [torch.zeros(s) for s in shapes]
+        grads = [[torch.randn(s, generator=gen) for s in shapes], None, [torch.randn(s, generator=gen) for s in shapes]]
+        flat = flat_task_gradients(grads, like, dtype=torch.float64)
+        got = blocked_task_gradients(grads, like, blocks=blocks, dtype=torch.float64)
+        chunk = got.shape[-1]
+        assert chunk == -(-flat.shape[1] // blocks)
+        padded = torch.nn.functional.pad(flat, (0, chunk * blocks - flat.shape[1]))
+        assert torch.equal(got, padded.reshape(len(grads), blocks, chunk).transpose(0, 1)), shapes
