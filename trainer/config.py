@@ -21,6 +21,7 @@ from trainer.config_loading import ConfigError, apply_overrides, from_dict, read
 from trainer.evaluation.config import EvalConfig
 from trainer.metrics_logger import WandbConfig
 
+
 @dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/demo"
@@ -205,6 +206,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # no sources: no evaluation
 
     def __post_init__(self) -> None:
         if self.checkpoint.async_save and self.trainer.backend != "ddp":
@@ -228,7 +230,6 @@ class JobConfig:
             raise ValueError(f"balancer.name={self.balancer.name!r} takes per-task gradient passes, which ZeRO stage 3's "
                              f"partitioned parameters do not support: use trainer.deepspeed.zero_stage=1 or 2, or "
                              f"trainer.backend=ddp")
-    eval: EvalConfig = field(default_factory=EvalConfig)  # no sources: no evaluation
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
