@@ -123,13 +123,7 @@ def gram_matrix(grads: TaskGradients, *, dtype: torch.dtype = torch.float32,
 
 def flat_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, dtype: torch.dtype) -> Tensor:
     """[T, P]: each task's gradients concatenated in the order of ``like`` (zeros for None)."""
-    size = sum(x.numel() for x in like)
-    device = like[0].device if like else torch.device("cpu")
-    flat = torch.zeros(len(grads), size, dtype=dtype, device=device)
-    for row, task_grads in zip(flat, grads):
-        if task_grads is not None:
-            torch.cat([g.reshape(-1).to(dtype) for g in task_grads], out=row)
-    return flat
+    return blocked_task_gradients(grads, like, blocks=1, dtype=dtype)[0]
 
 
 def blocked_task_gradients(grads: TaskGradients, like: Sequence[Tensor], *, blocks: int,

@@ -96,7 +96,8 @@ class FCOSDetectionHead(TaskHead):
         if image_sizes is not None:
             # A point in an image's padding is not in the image: no detection comes from it
             # (it would take a top-k slot and end as a box clipped to nothing).
-            centres = torch.stack(anchors)[..., :2].add(torch.stack(anchors)[..., 2:]).div(2)  # [B, N, (x, y)]
+            boxes = torch.stack(anchors)  # [B, N, (x1, y1, x2, y2)]
+            centres = (boxes[..., :2] + boxes[..., 2:]) / 2
             limits = centres.new_tensor([[w, h] for h, w in sizes])[:, None, :]
             outside = (centres >= limits).any(dim=-1)
             outputs = {**outputs, "cls_logits": outputs["cls_logits"].masked_fill(outside[..., None], float("-inf"))}
