@@ -17,8 +17,9 @@ one micro-batch per step. Where the per-task gradients are taken is ``balancer.s
   parameters from the cut up (autograd runs only the segment). These see conflicts across
   images, and per source which datasets fight.
 
-The update is the same in every case: one backward of Σ w_i s_i (the heads) plus
-⟨z, Σ w_i ∂s_i/∂z⟩ (the trunk), with w_i = c_i · world / N_i.
+The update is the same in every case: one backward with the gradient Σ w_i ∂s_i/∂z at z
+(the trunk) and Σ w_i ∂s_i/∂θ for the heads' parameters θ, both from the head-only passes
+(the heads run backward once per task, never again), with w_i = c_i · world / N_i.
 
 The Gram matrix is that of the gradients of the global mean losses: for z, local Grams add
 up exactly (each rank's z is its own block); for trunk parameters one reduce-scatter of the
@@ -146,9 +147,10 @@ class LossBalancing:
         return {"gram": shared_gram_partial(grads, like, world_size=self.world_size, dtype=_gram_dtype(like))}
 
     def balanced_loss(self, out: MultiTaskOutput, batch: Batch, local_counts: Tensor, *,
-                      trunk: nn.Module) -> BalancedLoss:
+                      trunk: nn.Module, heads: nn.Module) -> BalancedLoss:
         """The step's loss from one forward's output (collective: for shared-parameter
-        statistics one reduce-scatter, then always one all-reduce)."""
+        statistics one reduce-scatter, then always one all-reduce). ``trunk``: the shared
+        backbone + FPN; ``heads``: every parameter the losses use above z."""
         sums = {t: out.losses[t] * local_counts[i] for i, t in enumerate(self.tasks)}
         absent = (local_counts == 0).tolist()
         z_grads, units = None, None
@@ -157,7 +159,12 @@ class LossBalancing:
         else:  # from the model's taps, not its outputs (see models.multitask.GradientTaps)
             leaves, z = list(out.head_features.values()), list(out.taps.features.values())
             tap_sums = {t: out.taps.losses[t] * local_counts[i] for i, t in enumerate(self.tasks)}
-            z_grads = task_gradients_wrt(leaves, tap_sums, self.tasks, skip=absent)  # T head-only passes
+            head_params = [p for p in heads.parameters() if p.requires_grad]
+            # T head-only passes; each also gives its task's head-parameter gradients, so
+            # the update's backward does not run the heads a second time.
+            pass_grads = task_gradients_wrt(leaves, tap_sums, self.tasks, skip=absent, params=head_params)
+            z_grads = [None if g is None else g[:len(leaves)] for g in pass_grads]
+            head_grads = [None if g is None else g[len(leaves):] for g in pass_grads]
             if self.cfg.where == "features":
                 # Each rank's z is its own block of the global batch's z: local Grams add up exactly.
                 reduced = {"gram": gram_matrix(z_grads, dtype=_gram_dtype(leaves), device=local_counts.device)}
@@ -178,10 +185,12 @@ class LossBalancing:
             coefficients = torch.full_like(stats.losses, float("nan"))
         loss_dtype = torch.promote_types(loss_sums.dtype, out.losses[self.tasks[0]].dtype)  # float64 models stay exact
         weights = stats.rank_weights(coefficients, world_size=self.world_size).to(loss_dtype)
-        total = sum(weights[i] * sums[t] for i, t in enumerate(self.tasks))
-        if z_grads is not None:  # the trunk gets Σ w_i ∂s_i/∂z through z: one backward, whatever the statistics
+        if z_grads is None:
+            total = sum(weights[i] * sums[t] for i, t in enumerate(self.tasks))
+        else:  # the trunk gets Σ w_i ∂s_i/∂z through z, the heads Σ w_i ∂s_i/∂θ: one backward, whatever the statistics
             z = list(out.features.values())
-            total = total + surrogate_loss(z, combine_task_gradients(z_grads, weights, like=z))
+            total = (surrogate_loss(z, combine_task_gradients(z_grads, weights, like=z))
+                     + surrogate_loss(head_params, combine_task_gradients(head_grads, weights, like=head_params)))
         return BalancedLoss(total=total, stats=stats, coefficients=coefficients)
 
     def state_dict(self) -> dict[str, Any]:

@@ -50,12 +50,17 @@ def detached_features(features: Mapping[str, Tensor]) -> OrderedDict[str, Tensor
 
 
 def task_gradients_wrt(features: Sequence[Tensor], losses: Mapping[str, Tensor], tasks: Sequence[str], *,
-                       skip: Sequence[bool] | None = None) -> TaskGradients:
+                       skip: Sequence[bool] | None = None, params: Sequence[Tensor] = ()) -> TaskGradients:
     """∂losses[t]/∂features for every task, one ``torch.autograd.grad`` each (the graph is
     retained for the caller's own backward). ``None`` for a task whose loss does not depend
     on the features or that ``skip`` marks (e.g. no labelled sample on this rank: its
     loss is an exact 0) — a zero gradient, with no memory and no backward pass spent on
-    it. A feature a task does not use gets a zero tensor."""
+    it. A feature a task does not use gets a zero tensor.
+
+    ``params`` (the heads' parameters): each task's list goes on with ∂losses[t]/∂params
+    from the same pass, None for a parameter the task does not use (heads are mostly
+    task-specific: no zeros are made for the others' parameters). Then the update's
+    backward need not run the heads again (:mod:`trainer.balancing`)."""
     skip = [False] * len(tasks) if skip is None else list(skip)
     if len(skip) != len(tasks):
         raise ValueError(f"skip: expected {len(tasks)} flags, got {len(skip)}")
@@ -66,11 +71,11 @@ def task_gradients_wrt(features: Sequence[Tensor], losses: Mapping[str, Tensor],
         if skipped or not loss.requires_grad:
             out.append(None)
             continue
-        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        if all(g is None for g in grads):
+        grads = torch.autograd.grad(loss, inputs + list(params), retain_graph=True, allow_unused=True)
+        if all(g is None for g in grads[:len(inputs)]):
             out.append(None)
         else:
-            out.append([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)])
+            out.append([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)] + list(grads[len(inputs):]))
     return out
 
 
@@ -217,22 +222,24 @@ class CountSketch:
 
 def combine_task_gradients(grads: TaskGradients, weights: Tensor, *, like: Sequence[Tensor]) -> list[Tensor]:
     """Σ_i weights[i] · grads[i], one tensor per entry of ``like`` (shape and dtype; zeros
-    when no task contributes, so that every rank can run the trunk backward)."""
+    when no task contributes, so that every rank can run the trunk backward). A None entry
+    in a task's list is a zero gradient."""
     # At least float32 (bf16 gradients), float64 for a float64 model.
     out = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in like]
     for i, task_grads in enumerate(grads):
         if task_grads is None:
             continue
         for acc, g in zip(out, task_grads):
-            acc.add_(g.to(acc.dtype) * weights[i].to(acc.dtype))  # a device scalar: no host sync
+            if g is not None:
+                acc.add_(g.to(acc.dtype) * weights[i].to(acc.dtype))  # a device scalar: no host sync
     return [acc.to(x.dtype) for acc, x in zip(out, like)]
 
 
 def surrogate_loss(features: Sequence[Tensor], combined: Sequence[Tensor]) -> Tensor:
     """Σ_k ⟨z_k, combined_k⟩ (value in float32, ``combined`` held constant): a scalar whose
-    gradient w.r.t. the features is ``combined``. For engines that back-propagate scalars
-    only (DeepSpeed's ``engine.backward``), and to run the trunk's and the heads' backward
-    as one pass (add the heads' weighted losses to it)."""
+    gradient w.r.t. the features (or parameters) is ``combined``. For engines that
+    back-propagate scalars only (DeepSpeed's ``engine.backward``), and to give the trunk
+    and the heads their combined gradients in one backward pass."""
     # The gradient is exactly ``combined`` in z's dtype; only the (unused) value is summed in float32.
     return sum((z * c.detach().to(z.dtype)).sum(dtype=torch.float32) for z, c in zip(features, combined))
 

@@ -323,7 +323,8 @@ class Trainer:
             with self._autocast():
                 out = self.backend.model(batch, detach_features=self.balancing.detach_features)
             local_counts = local_task_counts(batch, self.tasks)
-            balanced = self.balancing.balanced_loss(out, batch, local_counts, trunk=self.backend.module.backbone)
+            balanced = self.balancing.balanced_loss(out, batch, local_counts, trunk=self.backend.module.backbone,
+                                                    heads=self.backend.module.heads)
             self.backend.backward(balanced.total)
         loss_sums = torch.stack([out.losses[t].detach().float() for t in self.tasks]) * local_counts
         return {"loss_sums": loss_sums, "global_count": balanced.stats.counts.float(),

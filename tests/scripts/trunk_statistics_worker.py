@@ -109,7 +109,7 @@ for statistics, gram_kind in [("fpn", "exact"), ("layer4", "exact"), ("parameter
     targets_now = targets[OWNED[rank]]
     trunk.zero_grad()
     out, batch, counts = local_output()
-    step = balancing.balanced_loss(out, batch, counts, trunk=trunk)
+    step = balancing.balanced_loss(out, batch, counts, trunk=trunk, heads=torch.nn.Module())  # the heads: constants
     step.total.backward()
     averaged = [p.grad.clone() for p in trainable]
     for g in averaged:
