@@ -93,10 +93,11 @@ class MultiTaskModel(nn.Module):
     def forward_heads(self, features: Features, batch: Batch) -> tuple[dict[str, Tensor], dict[str, int]]:
         """Per-task loss over the samples labelled for the task, and how many there are."""
         image_size = self.padded_size(batch.images)
+        sizes = _padded_sizes(batch.images, batch.image_sizes)
         losses, counts = {}, {}
         for task, head in self.heads.items():
             labelled = batch.task_mask[:, TASK_INDEX[task]]
-            losses[task], counts[task] = head.loss(features, image_size, batch.targets, labelled)
+            losses[task], counts[task] = head.loss(features, image_size, batch.targets, labelled, image_sizes=sizes)
         return losses, counts
 
     def forward(self, batch: Batch, *, detach_features: bool = False) -> MultiTaskOutput:

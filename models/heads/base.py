@@ -20,12 +20,14 @@ class TaskHead(nn.Module, ABC):
 
     @abstractmethod
     def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor, *,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, int]:
         """Loss over the samples where ``labelled`` (bool [B]) is True, and their count.
 
         Must be an exact 0.0 connected to every parameter of the head when nothing is
         labelled: DDP without ``find_unused_parameters`` needs the same graph on every rank.
+        ``image_sizes``: as for :meth:`predict` (the whole batch's rows).
         """
 
     @abstractmethod

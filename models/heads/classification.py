@@ -33,16 +33,24 @@ class ClassificationHead(TaskHead):
         self.num_classes = num_classes
         self.ignore_unannotated = cfg.unannotated_classes == "ignore"
 
-    def _logits(self, features: Features) -> Tensor:
+    def _logits(self, features: Features, image_sizes: list[tuple[int, int]] | None = None) -> Tensor:
+        """``image_sizes``: pool each image over its own cells only, not the batch's padding
+        (an image's class must not depend on the sizes of the images it was batched with)."""
         towered = [self.tower(f) for f in features.values()]
-        pooled = [p for f in towered for p in (f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1)))]
+        if image_sizes is None:
+            pooled = [p for f in towered for p in (f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1)))]
+        else:
+            sizes = torch.tensor(image_sizes, dtype=torch.float32, device=towered[0].device)
+            pooled = [p for f, stride in zip(towered, FPN_STRIDES.values()) for p in _masked_pools(f, sizes, stride)]
         return self.classifier(torch.cat(pooled, dim=1))
 
     def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor, *,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, int]:
         subset, index = labelled_subset(features, labelled)
-        logits = self._logits(subset)
+        rows = index.tolist() if index.numel() else [0]  # labelled_subset's stand-in row
+        logits = self._logits(subset, None if image_sizes is None else [image_sizes[i] for i in rows])
         if index.numel() == 0:
             return zero_loss(logits), 0
         labels = torch.stack([targets[i]["class_label"] for i in index.tolist()])
@@ -57,5 +65,16 @@ class ClassificationHead(TaskHead):
         self, features: Features, image_size: tuple[int, int], *, detections: list[dict[str, Tensor]] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
-        logits = self._logits(features)
+        logits = self._logits(features, image_sizes)
         return [{"class_logits": x, "class_scores": x.softmax(dim=0)} for x in logits]
+
+
+def _masked_pools(f: Tensor, sizes: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Mean and max of ``f`` [B, C, H, W] over each image's cells: the first ⌈h/stride⌉
+    rows and ⌈w/stride⌉ columns for its size (h, w) in ``sizes`` [B, 2]."""
+    extent = torch.ceil(sizes / stride)
+    rows = torch.arange(f.shape[-2], device=f.device).view(1, -1, 1) < extent[:, 0].view(-1, 1, 1)
+    cols = torch.arange(f.shape[-1], device=f.device).view(1, 1, -1) < extent[:, 1].view(-1, 1, 1)
+    inside = (rows & cols).unsqueeze(1)  # [B, 1, H, W]
+    mean = (f * inside).sum(dim=(-2, -1)) / inside.sum(dim=(-2, -1)).clamp(min=1)
+    return mean, f.masked_fill(~inside, float("-inf")).amax(dim=(-2, -1))

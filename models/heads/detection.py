@@ -66,7 +66,8 @@ class FCOSDetectionHead(TaskHead):
         return outputs, anchors, [f.shape[-2] * f.shape[-1] for f in levels]
 
     def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor, *,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, int]:
         subset, index = labelled_subset(features, labelled)
         outputs, anchors, per_level = self._run(subset, image_size)

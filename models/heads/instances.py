@@ -78,7 +78,8 @@ class RoICascadeHead(TaskHead):
         """torchvision's loss for the images that have RoIs (all lists aligned)."""
 
     def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor, *,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, int]:
         chosen, boxes = sample_rois(targets, labelled, eligible=self._eligible, max_per_image=self.max_rois_per_image)
         logits = self._logits(features, boxes, image_size)

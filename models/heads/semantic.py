@@ -43,7 +43,8 @@ class SemanticFPNHead(TaskHead):
         return F.interpolate(self.classifier(merged), size=image_size, mode="bilinear", align_corners=False)
 
     def loss(
-        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor
+        self, features: Features, image_size: tuple[int, int], targets: list[dict[str, Tensor]], labelled: Tensor, *,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, int]:
         subset, index = labelled_subset(features, labelled)
         logits = self._logits(subset, image_size)

@@ -172,3 +172,29 @@ def test_predict_is_well_formed(task: str) -> None:
 def test_a_task_takes_one_head() -> None:
     with pytest.raises(ValueError, match="semantic"):
         register_head("semantic")(TaskHead)
+
+
+@pytest.mark.parametrize("small", [(72, 100), (128, 40)])
+def test_classification_pools_an_image_over_its_own_cells_not_the_batch_padding(small: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    head = build_head("classification", cfg=ModelConfig(**{**CFG.__dict__, "classification_head_convs": 0}),
+                      in_channels=CHANNELS, num_classes=NUM_CLASSES["classification"])
+    feats = features(2)
+    h, w = small
+    crop = OrderedDict()
+    for name, s in FPN_STRIDES.items():
+        rows, cols = -(-h // s), -(-w // s)
+        crop[name] = feats[name][1:, :, :rows, :cols].clone()
+        feats[name][1, :, rows:] = 1e3  # the padding: whatever it holds must not count
+        feats[name][1, :, :, cols:] = -1e3
+    sizes = [(SIZE, SIZE), (h, w)]
+    alone = head.predict(crop, (h, w))[0]["class_logits"]
+    batched = head.predict(feats, (SIZE, SIZE), image_sizes=sizes)
+    assert torch.allclose(batched[1]["class_logits"], alone, atol=1e-5)
+    assert torch.allclose(batched[0]["class_logits"], head.predict(OrderedDict((k, v[:1]) for k, v in feats.items()), (SIZE, SIZE))[0]["class_logits"],
+                          atol=1e-5)  # a full-size image pools as before
+    assert not torch.allclose(head.predict(feats, (SIZE, SIZE))[1]["class_logits"], alone, atol=1e-2)
+    target = make_target(0)
+    loss_batched, _ = head.loss(feats, (SIZE, SIZE), [target, target], torch.tensor([False, True]), image_sizes=sizes)
+    loss_alone, _ = head.loss(crop, (h, w), [target], torch.tensor([True]))
+    assert torch.allclose(loss_batched, loss_alone, atol=1e-5)
