@@ -38,9 +38,9 @@ MODES = ("ignore", "negative")
 SCORED = ("shapes_instances", "shapes_keypoints")
 
 
-def per_class_ap(ground_truth: Path, results: Path) -> dict[str, float]:
-    """COCO box AP (IoU .50:.95) of each category, evaluated alone; a class without any
-    detection scores 0."""
+def per_class_ap(ground_truth: Path, results: Path) -> dict[str, tuple[float, float]]:
+    """COCO box AP (IoU .50:.95) and AP50 of each category, evaluated alone; a class without
+    any detection scores 0."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
         gt = COCO(str(ground_truth))
         detections = json.loads(results.read_text())
@@ -48,14 +48,14 @@ def per_class_ap(ground_truth: Path, results: Path) -> dict[str, float]:
         out = {}
         for cat in gt.loadCats(gt.getCatIds()):
             if dt is None:
-                out[cat["name"]] = 0.0
+                out[cat["name"]] = (0.0, 0.0)
                 continue
             ev = COCOeval(gt, dt, "bbox")
             ev.params.catIds = [cat["id"]]
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-            out[cat["name"]] = max(float(ev.stats[0]), 0.0)  # -1: no ground truth of it
+            out[cat["name"]] = (max(float(ev.stats[0]), 0.0), max(float(ev.stats[1]), 0.0))  # -1: no ground truth
     return out
 
 
@@ -73,8 +73,9 @@ def train_and_score(shards: Path, run_dir: Path, dist_info: DistInfo, *, mode: s
     out_dir = eval_dir(run_dir, summary["step"])
     scores = {}
     for name, path in val.items():
-        for cls, ap in per_class_ap(path / "annotations.json", out_dir / f"{name}_bbox_results.json").items():
-            scores[f"{cls} ({name})"] = ap
+        for cls, (ap, ap50) in per_class_ap(path / "annotations.json", out_dir / f"{name}_bbox_results.json").items():
+            scores[f"{cls} ({name}) AP"] = ap
+            scores[f"{cls} ({name}) AP50"] = ap50
     return scores
 
 
@@ -103,9 +104,9 @@ def main() -> None:
                     results[mode].append(scores)
         finally:
             shutdown_distributed()
-    print(f"box AP per class, {args.steps} steps, seeds {args.seeds} (mean ± std); the shapes are unannotated "
+    print(f"box AP (.50:.95) and AP50 per class, {args.steps} steps, seeds {args.seeds} (mean ± std); the shapes are unannotated "
           f"in shapes_keypoints' images")
-    print(f"{'class (scored on)':34} {'ignore (class-aware)':>22} {'negative (all-negative)':>24} {'difference':>11}")
+    print(f"{'class (scored on) metric':40} {'ignore (class-aware)':>22} {'negative (all-negative)':>24} {'difference':>11}")
     for key in results[MODES[0]][0]:
         cells = []
         for mode in MODES:
@@ -113,7 +114,7 @@ def main() -> None:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append((statistics.fmean(values), std))
         (a, sa), (b, sb) = cells
-        print(f"{key:34} {a:>14.3f} ± {sa:.3f} {b:>16.3f} ± {sb:.3f} {a - b:>+11.3f}")
+        print(f"{key:40} {a:>14.3f} ± {sa:.3f} {b:>16.3f} ± {sb:.3f} {a - b:>+11.3f}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ class ModelConfig:
     # detection (FCOS)
     fcos_num_convs: int = 4
     fcos_center_sampling_radius: float = 1.5
+    # What makes the box regression a distance (>= 0). torchvision's "relu" can die: trained
+    # from scratch (demo, seed 0), every output went negative by step 35 and stayed there
+    # (zero-size boxes, whose GIoU gradient is 0 too: box AP 0 for good). "softplus" keeps a
+    # gradient everywhere. Checkpoints from before this setting were trained with "relu".
+    fcos_box_activation: Literal["softplus", "relu"] = "softplus"
     detection_score_thresh: float = 0.2
     detection_nms_thresh: float = 0.6
     detections_per_image: int = 100

@@ -61,7 +61,8 @@ def checkpoint_model(cfg: JobConfig, checkpoint: str | Path) -> tuple[MultiTaskM
         raise ConfigError(f"{checkpoint}: written by an unknown backend {backend!r}")
     label_space = build_label_space(load_manifests(cfg.data))
     try:
-        check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space)
+        check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space,
+                           model_cfg=cfg.model)
     except CheckpointLoadError as e:  # one line, as the other checkpoint problems here
         raise ConfigError(str(e)) from None
     model = build_model(cfg.model, num_classes=label_space.num_classes())
@@ -137,7 +138,8 @@ def load_exported_model(directory: str | Path) -> tuple[MultiTaskModel, dict]:
     spec = json.loads((directory / SPEC_NAME).read_text())
     if spec.get("format") != FORMAT:
         raise ValueError(f"{directory / SPEC_NAME}: not a polytask model export (format {spec.get('format')!r})")
-    model = build_model(ModelConfig(**spec["model"]), num_classes=spec["num_classes"])
+    # An export from before model.fcos_box_activation existed was trained with ReLU.
+    model = build_model(ModelConfig(**{"fcos_box_activation": "relu", **spec["model"]}), num_classes=spec["num_classes"])
     state: dict[str, torch.Tensor] = load_file(directory / spec["weights"]["file"])
     model.load_state_dict(state)
     return model.eval(), spec

@@ -79,7 +79,8 @@ def run_eval(cfg: JobConfig, *, checkpoint: str | Path) -> int:
         label_space = build_label_space(load_manifests(cfg.data))
         model = build_model(cfg.model, num_classes=label_space.num_classes()).to(dist_info.device)
         try:
-            check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space)
+            check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space,
+                               model_cfg=cfg.model)
             load_model_weights(model, checkpoint, backend=backend)
         except CheckpointLoadError as e:  # a user error: the message says it all, no traceback
             log.error("%s", e)

@@ -188,7 +188,7 @@ class Trainer:
         backend = self.cfg.trainer.backend
         if meta.get("backend", "ddp") != backend:
             raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
-        check_model_record(path, meta, tasks=self.tasks, label_space=self.label_space)
+        check_model_record(path, meta, tasks=self.tasks, label_space=self.label_space, model_cfg=self.cfg.model)
         self._warn_batch_change(path, meta)
         load_parts(self.parts, lambda templates: self.backend.load(path, templates), saved_world_size=old_world)
         if not same_world:
@@ -225,7 +225,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self._check_weights_finite()  # checkpoints/latest never points at NaN weights
         meta = {"wandb_run_id": self.metrics.run_id, "backend": self.cfg.trainer.backend, **self._batch_layout(),
-                **model_record(self.tasks, self.label_space)}
+                **model_record(self.tasks, self.label_space, self.cfg.model)}
         extra = parts_state(self.parts)
         return self.checkpointer.save(self.step, lambda d: self.backend.save(d, extra), meta)
 

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 _UNCOVERED_LOGIT = -1e4
 
 
+def _softplus_output(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    return torch.nn.functional.softplus(output)
+
+
 @register_head("detection")
 class FCOSDetectionHead(TaskHead):
     # torchvision's FCOS model also owns a backbone and a GeneralizedRCNNTransform (resizing,
@@ -41,6 +45,10 @@ class FCOSDetectionHead(TaskHead):
             sizes=tuple((s,) for s in FPN_STRIDES.values()), aspect_ratios=((1.0,),) * len(FPN_STRIDES)
         )
         self.head = FCOSHead(in_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.fcos_num_convs)
+        if cfg.fcos_box_activation == "softplus":
+            # torchvision's regression head applies ReLU to bbox_reg's output; made positive
+            # first, it passes the ReLU unchanged. A hook, so the parameter names stay.
+            self.head.regression_head.bbox_reg.register_forward_hook(_softplus_output)
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.center_sampling_radius = cfg.fcos_center_sampling_radius
         self.score_thresh = cfg.detection_score_thresh

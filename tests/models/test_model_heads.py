@@ -198,3 +198,21 @@ def test_classification_pools_an_image_over_its_own_cells_not_the_batch_padding(
     loss_batched, _ = head.loss(feats, (SIZE, SIZE), [target, target], torch.tensor([False, True]), image_sizes=sizes)
     loss_alone, _ = head.loss(crop, (h, w), [target], torch.tensor([True]))
     assert torch.allclose(loss_batched, loss_alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu"])
+def test_box_regression_gets_a_gradient_after_every_output_went_negative(activation: str) -> None:
+    """What happened to a demo run with ReLU: every regression output negative, so every
+    box has zero size and no gradient reaches the regression layer again. Softplus keeps
+    one (and the same parameter names, so checkpoints keep their keys)."""
+    torch.manual_seed(0)
+    head = build_head("detection", cfg=ModelConfig(**{**CFG.__dict__, "fcos_box_activation": activation}),
+                      in_channels=CHANNELS, num_classes=NUM_CLASSES["detection"])
+    regression = head.head.regression_head.bbox_reg
+    with torch.no_grad():
+        regression.bias.fill_(-5.0)  # a dead unit's state: outputs far below 0 everywhere
+    loss, _ = head_loss(head, features(2), [make_target(0), make_target(1)], [True, True])
+    loss.backward()
+    reached = regression.weight.grad.abs().sum() > 0
+    assert bool(reached) == (activation == "softplus")
+    assert [n for n, _ in head.named_parameters()] == [n for n, _ in build("detection").named_parameters()]

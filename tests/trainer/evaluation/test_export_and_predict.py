@@ -155,3 +155,29 @@ def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_d
     meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
     assert f"image_classes: only in the checkpoint {meta['outputs']['image_classes']}" in proc.stderr
     assert not (run_dir / "x1").exists() and not (run_dir / "x2").exists()
+
+
+def test_a_checkpoint_trained_with_another_box_activation_is_refused_and_an_older_export_is_relu(trained, exported):
+    """The activation changes no parameter shape: only meta.json and model.json tell it.
+    Loading with the other one would move every box; a checkpoint or export from before
+    the setting was trained with torchvision's ReLU."""
+    run_dir, overrides, _ = trained
+    checkpoint = str(run_dir / "checkpoints" / "latest")
+    proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x3"),
+                        *overrides, "model.fcos_box_activation=relu")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("model.fcos_box_activation: the checkpoint's boxes were trained with 'softplus', the config has 'relu'; "
+            "set model.fcos_box_activation=softplus") in proc.stderr
+    assert not (run_dir / "x3").exists()
+
+    from trainer.export import load_exported_model
+    spec = json.loads((exported / "model.json").read_text())
+    assert spec["model"]["fcos_box_activation"] == "softplus"
+    del spec["model"]["fcos_box_activation"]  # as an export from before the setting
+    (exported / "model.json").write_text(json.dumps(spec))
+    try:
+        model, _ = load_exported_model(exported)
+        assert model.cfg.fcos_box_activation == "relu"
+    finally:
+        spec["model"]["fcos_box_activation"] = "softplus"
+        (exported / "model.json").write_text(json.dumps(spec))
