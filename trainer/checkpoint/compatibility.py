@@ -38,5 +38,5 @@ def check_model_record(path: str | Path, meta: dict[str, Any], *, tasks: list[st
     if "outputs" in meta:
         problems += output_differences(meta["outputs"], label_space.outputs())
     if problems:
-        raise CheckpointLoadError(f"{path}: the checkpoint's model does not fit this config's tasks and data sources: "
+        raise CheckpointLoadError(f"{path}: the checkpoint's model does not fit this config's model and data sources: "
                                   + " | ".join(problems))

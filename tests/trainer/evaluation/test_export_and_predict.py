@@ -146,7 +146,7 @@ def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_d
     proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x1"),
                      *overrides, f"data.sources={sources_list(tiny.paths[s] for s in swapped)}")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "does not fit this config's tasks and data sources" in proc.stderr
+    assert "does not fit this config's model and data sources" in proc.stderr
     assert "thing_classes: the same names in another order (index 0: checkpoint 'box', config 'person')" in proc.stderr
     fewer = [s for s in SOURCES if s != "tiny_classes"]
     proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x2"),
