@@ -8,7 +8,9 @@ reads the same whether the launcher or a rank finds it.
   :func:`build_train_loader`, which starts no process;
 - evaluation sources: manifests load, map into the training label space, and their
   ground-truth files exist (:func:`eval_source_specs`, also called by every rank at start-up);
-- ``eval.best_metric`` names a metric the run evaluates (:func:`check_best_metric`).
+- ``eval.best_metric`` names a metric the run evaluates (:func:`check_best_metric`);
+- the checkpoint the ranks would resume from fits the model and the training sources (its
+  ``meta.json`` record: :func:`check_model_record`, which every rank calls again).
 
 Each problem is one line; independent problems are all reported.
 """
@@ -20,6 +22,8 @@ from typing import TypeVar
 
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.streaming.loader import build_train_loader
+from trainer.checkpoint import Checkpointer, CheckpointLoadError
+from trainer.checkpoint.compatibility import check_model_record
 from trainer.config import JobConfig
 from trainer.evaluation.best_metric import check_best_metric
 from trainer.evaluation.config import EvalConfig
@@ -36,7 +40,7 @@ def preflight_problems(cfg: JobConfig, *, world_size: int) -> list[str]:
     def attempt(check: Callable[[], T]) -> T | None:
         try:
             return check()
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except (ValueError, FileNotFoundError, KeyError, CheckpointLoadError) as e:
             problems.append(_one_line(e))
             return None
 
@@ -50,7 +54,21 @@ def preflight_problems(cfg: JobConfig, *, world_size: int) -> list[str]:
         specs = attempt(lambda: eval_source_specs(cfg.eval, model_tasks=cfg.model.tasks, label_space=label_space))
         if specs is not None:
             attempt(lambda: check_best_metric(cfg.eval, specs))
+    if built is not None:
+        attempt(lambda: check_resume_checkpoint(cfg, built[1]))
     return problems
+
+
+def check_resume_checkpoint(cfg: JobConfig, label_space: LabelSpace) -> None:
+    """CheckpointLoadError when the checkpoint ``checkpoint.resume`` picks does not fit the
+    config's model and training sources (nothing to check for a fresh run)."""
+    if cfg.checkpoint.resume == "never":
+        return
+    checkpointer = Checkpointer(run_dir=cfg.run.dir, cfg=cfg.checkpoint, is_main=False)
+    path = checkpointer.latest() if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    if path is not None:
+        check_model_record(path, checkpointer.read_meta(path), tasks=list(cfg.model.tasks), label_space=label_space,
+                           model_cfg=cfg.model)
 
 
 def eval_source_specs(cfg: EvalConfig, *, model_tasks: list[str], label_space: LabelSpace) -> dict[str, SourceSpec]:

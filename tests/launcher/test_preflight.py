@@ -89,3 +89,21 @@ def test_missing_ground_truth_is_named_and_the_ranks_say_the_same(demo_sources, 
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "rank_run" / "checkpoints").exists()  # it did not train
+
+
+def test_a_resume_checkpoint_trained_with_another_box_activation_is_named_before_the_ranks(demo_sources, tmp_path,
+                                                                                          capsys):
+    """An older run directory (its checkpoint records no box activation: torchvision's ReLU)
+    under the new softplus default: one line with the setting to use, before torchrun."""
+    step = tmp_path / "old" / "checkpoints" / "step_300"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    (step / "meta.json").write_text(json.dumps({"step": 300, "backend": "ddp", "world_size": 2}))
+    (step.parent / "latest").symlink_to("step_300")
+    code = main(["launch", DEMO, "--nproc-per-node=2", "--dry-run", f"run.dir={tmp_path}/old", *_data(demo_sources)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert ("model.fcos_box_activation: the checkpoint's boxes were trained with 'relu', the config has 'softplus'; "
+            "set model.fcos_box_activation=relu") in err
+    assert main(["launch", DEMO, "--nproc-per-node=2", "--dry-run", f"run.dir={tmp_path}/old", *_data(demo_sources),
+                 "model.fcos_box_activation=relu"]) == 0
