@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.streaming.loader import build_train_loader
-from trainer.checkpoint import Checkpointer, CheckpointLoadError
+from trainer.checkpoint import META_NAME, Checkpointer, CheckpointLoadError
 from trainer.checkpoint.compatibility import check_model_record
 from trainer.config import JobConfig
 from trainer.evaluation.best_metric import check_best_metric
@@ -66,7 +66,9 @@ def check_resume_checkpoint(cfg: JobConfig, label_space: LabelSpace) -> None:
         return
     checkpointer = Checkpointer(run_dir=cfg.run.dir, cfg=cfg.checkpoint, is_main=False)
     path = checkpointer.latest() if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-    if path is not None:
+    # A named checkpoint that is not there (or incomplete) is the ranks' to report, as a
+    # resume failure (a Slurm job then ends FAILED, not requeued).
+    if path is not None and (path / META_NAME).is_file():
         check_model_record(path, checkpointer.read_meta(path), tasks=list(cfg.model.tasks), label_space=label_space,
                            model_cfg=cfg.model)
 
