@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipelines.schema import TASKS
+from data_pipelines.schema import TASK_TYPES
 from models import ModelConfig, build_model
 from trainer.backends.ddp import DDPBackend
 from trainer.checkpoint import Checkpointer
@@ -46,7 +46,7 @@ def main() -> None:
 
     dist_info = init_distributed(device=args.device)
     torch.manual_seed(0)  # identical replicas on every rank
-    num_classes = {t: 3 for t in TASKS} | {"keypoints": 5}
+    num_classes = {t: 3 for t in TASK_TYPES} | {"keypoints": 5}
     backend = DDPBackend(build_model(ModelConfig(), num_classes=num_classes).to(dist_info.device), optim=OptimConfig(),
                          max_steps=10, device=dist_info.device, async_save=True,
                          checkpoint_format=args.format)

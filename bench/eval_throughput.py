@@ -24,9 +24,8 @@ import torch
 from bench.demo_job import DEMO_CONFIG, demo_overrides, single_process_group
 from data_pipelines.demo.shards import make_demo_shards
 from data_pipelines.demo.synthetic import DEMO_TASKS
-from data_pipelines.label_space import build_label_space
 from data_pipelines.streaming.eval_loader import build_eval_loader
-from data_pipelines.streaming.loader import load_manifests
+from data_pipelines.streaming.loader import load_label_space
 from models import build_model
 from trainer.backends import load_model_weights
 from trainer.config import load_config
@@ -51,15 +50,15 @@ def main() -> None:
         cfg = load_config(DEMO_CONFIG, overrides + [f"eval.num_workers={args.num_workers}"])
 
         single_process_group()
-        label_space = build_label_space(load_manifests(cfg.data))
-        model = build_model(cfg.model, num_classes=label_space.num_classes())
+        label_space, _ = load_label_space(cfg.data, cfg.model.task_specs)
+        model = build_model(cfg.model, num_classes=label_space.num_classes(), tasks=label_space.tasks)
         if args.checkpoint:
             load_model_weights(model, Path(args.checkpoint), backend="ddp")
         model.eval()
 
-        manifests = load_eval_manifests(cfg.eval, model_tasks=list(model.heads))
+        eval_space, manifests = map_eval_sources(label_space, load_eval_manifests(cfg.eval), cfg.eval.sources)
         loader = build_eval_loader(
-            manifests, label_space=map_eval_sources(label_space, manifests), transforms=cfg.data.transforms,
+            manifests, label_space=eval_space, transforms=cfg.data.transforms,
             rank=0, world_size=1, batch_size=cfg.eval.batch_size, num_workers=0, max_images=cfg.eval.max_images,
         )
         batches = [batch.images for batch, _ in loader]

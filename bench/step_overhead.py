@@ -64,7 +64,7 @@ def main() -> None:
         batches = [next(it).to(device) for _ in range(args.steps)]
 
         seed_everything(0)
-        bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes())
+        bare = build_model(cfg.model, num_classes=trainer.label_space.num_classes(), tasks=trainer.label_space.tasks)
         bare.load_state_dict(trainer.backend.module.state_dict())
         bare.to(device)
         bare_opt = build_optimizer(bare, cfg.optim)

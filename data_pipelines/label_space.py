@@ -1,8 +1,8 @@
-"""Per-task label spaces merged over sources, each source's raw-id -> index mapping, and
-what each source covers of them.
+"""Per-task label spaces merged over the sources feeding each task (``data_pipelines/tasks.py``),
+each source's raw-id -> index mapping, and what each source covers of them.
 
-Sources name their classes; classes with the same name in two sources are the same
-class. Order is the order of first appearance over the sources as configured, so the
+Sources name their classes; classes with the same name in two sources feeding one task
+are the same class. Order is the order of first appearance over the sources as configured, so the
 label space is a deterministic function of the config.
 
 Coverage (invariant 7 of the design): a source annotates only its own classes and
@@ -11,36 +11,44 @@ them as negatives. :meth:`LabelSpace.covered` says which label-space indices a s
 annotates per task; the per-sample coverage vectors the losses read come from
 :meth:`LabelSpace.sample_coverage`.
 
-Keypoints merge by name: the unified schema is the largest source schema (the first in
-config order on a tie), and every other keypoint source must name a subset of it; its
+Keypoints merge by name: a keypoint task's unified schema is the largest schema among the
+sources feeding it (the first in config order on a tie), and every other source feeding it
+must name a subset of it; its
 keypoints are put at their unified indices and the rest are "not labelled" (visibility 0),
 which no keypoint loss trains on.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from data_pipelines.manifest import KeypointSchema, Manifest
-from data_pipelines.schema import COVERAGE_KEYS
+from data_pipelines.schema import COVERAGE_KEYS, task_mask_for
+from data_pipelines.tasks import TaskSpec, derived_tasks, source_task_names
 
-# Tasks whose classes are the shared thing classes.
-THING_TASKS: tuple[str, ...] = ("detection", "instance_mask")
+# Task types whose classes are a detection task's thing classes (instance masks share those
+# of the detection task they take boxes from).
+THING_TYPES: tuple[str, ...] = ("detection", "instance_mask")
 
 
 @dataclass
 class LabelSpace:
-    # Object classes shared by detection and instance masks.
-    thing_classes: list[str] = field(default_factory=list)
-    semantic_classes: list[str] = field(default_factory=list)
-    image_classes: list[str] = field(default_factory=list)
-    keypoints: KeypointSchema | None = None  # the unified schema
-    # source name -> {COCO category id -> index in thing_classes}
+    tasks: list[TaskSpec] = field(default_factory=list)
+    # task name -> its output names by index: classes (detection, semantic, classification;
+    # an instance_mask task has its boxes_from task's), keypoint names (keypoints)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    # keypoint task name -> its unified schema
+    keypoint_schemas: dict[str, KeypointSchema] = field(default_factory=dict)
+    # source name -> annotation type -> the task it trains (data_pipelines/tasks.py)
+    source_tasks: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Each source feeds one task per type, so its mappings below index that task's space.
+    # source name -> {COCO category id -> index in its detection task's classes}
     category_to_index: dict[str, dict[int, int]] = field(default_factory=dict)
-    # source name -> lookup list: raw semantic pixel value -> index in semantic_classes
+    # source name -> lookup list: raw semantic pixel value -> class index
     semantic_remap: dict[str, list[int]] = field(default_factory=dict)
-    # source name -> lookup list: raw class_id -> index in image_classes
+    # source name -> lookup list: raw class_id -> class index
     class_remap: dict[str, list[int]] = field(default_factory=dict)
     # source name -> the unified index of each of the source's keypoints (its own order)
     keypoint_remap: dict[str, list[int]] = field(default_factory=dict)
@@ -48,32 +56,44 @@ class LabelSpace:
     _coverage_cache: dict[str, dict[str, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _task_masks: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+    def task_of(self, source: str, task_type: str) -> str | None:
+        """The task ``source``'s annotations of ``task_type`` train, if any."""
+        return self.source_tasks.get(source, {}).get(task_type)
+
+    def keypoint_schema_of(self, source: str) -> KeypointSchema | None:
+        """The unified schema of the keypoint task ``source`` feeds (its flip pairs)."""
+        task = self.task_of(source, "keypoints")
+        return None if task is None else self.keypoint_schemas[task]
 
     def num_classes(self) -> dict[str, int]:
-        """Output sizes the model heads need, keyed by task."""
-        return {
-            "detection": len(self.thing_classes),
-            "instance_mask": len(self.thing_classes),
-            "keypoints": len(self.keypoints.names) if self.keypoints else 0,
-            "semantic": len(self.semantic_classes),
-            "classification": len(self.image_classes),
-        }
+        """Output sizes the model heads need, keyed by task name."""
+        return {t.name: len(self.classes[t.name]) for t in self.tasks}
 
     def outputs(self) -> dict[str, list[str]]:
-        """What the model's output indices mean, per kind of label: the names in index order.
+        """What the model's output indices mean, per task: the names in index order.
         A checkpoint records it (meta.json); a model is only loaded where it is the same."""
-        return {"thing_classes": list(self.thing_classes), "semantic_classes": list(self.semantic_classes),
-                "image_classes": list(self.image_classes),
-                "keypoints": list(self.keypoints.names) if self.keypoints else []}
+        return {t.name: list(self.classes[t.name]) for t in self.tasks}
 
     def covered(self, source: str, task: str) -> list[int] | None:
-        """Sorted label-space indices (keypoint indices for ``keypoints``) that ``source``
-        annotates for ``task``; None when the source does not label the task."""
-        if task in THING_TASKS:
+        """Sorted output indices (keypoint indices for a keypoint task) that ``source``
+        annotates for task ``task``; None when the source does not feed the task."""
+        task_type = self.task(task).type
+        if self.task_of(source, task_type) != task:
+            return None
+        if task_type in THING_TYPES:
             mapping = self.category_to_index.get(source)
             return None if mapping is None else sorted(set(mapping.values()))
         remap = {"semantic": self.semantic_remap, "classification": self.class_remap,
-                 "keypoints": self.keypoint_remap}[task].get(source)
+                 "keypoints": self.keypoint_remap}[task_type].get(source)
         return None if remap is None else sorted(set(remap))
 
     def sample_coverage(self, source: str) -> dict[str, torch.Tensor]:
@@ -82,25 +102,36 @@ class LabelSpace:
         Built once per source and shared read-only (collate copies)."""
         cached = self._coverage_cache.get(source)
         if cached is None:
-            sizes = self.num_classes()
             cached = {}
-            for task, key in COVERAGE_KEYS.items():
-                indices = self.covered(source, task)
-                if indices is not None and len(indices) < sizes[task]:
-                    mask = torch.zeros(sizes[task], dtype=torch.bool)
+            for task_type, key in COVERAGE_KEYS.items():
+                task = self.task_of(source, task_type)
+                indices = None if task is None else self.covered(source, task)
+                size = 0 if task is None else len(self.classes[task])
+                if indices is not None and len(indices) < size:
+                    mask = torch.zeros(size, dtype=torch.bool)
                     mask[indices] = True
                     cached[key] = mask
             self._coverage_cache[source] = cached
         return cached
 
+    def task_mask(self, source: str) -> torch.Tensor:
+        """bool [T]: the tasks ``source`` feeds, over the job's tasks. Built once per source,
+        not per sample (it costs as much as a small resize); shared read-only: collate
+        stacks copies."""
+        mask = self._task_masks.get(source)
+        if mask is None:
+            mask = task_mask_for(list(self.source_tasks.get(source, {}).values()), self.task_names)
+            self._task_masks[source] = mask
+        return mask
+
     def coverage_table(self, manifests: list[Manifest]) -> dict[str, dict[str, str]]:
-        """source -> task -> "covered/label-space size", for the tasks each source labels
+        """source -> task -> "covered/label-space size", for the tasks each source feeds
         (the start-up log and the run's config.yaml show it)."""
         sizes = self.num_classes()
         table = {}
         for m in manifests:
             row = {}
-            for task in m.tasks:
+            for task in self.source_tasks.get(m.name, {}).values():
                 indices = self.covered(m.name, task)
                 if indices is not None:
                     row[task] = f"{len(indices)}/{sizes[task]}"
@@ -149,18 +180,21 @@ def _check_names(source: str, task: str, names: list[str], merged: list[str], wh
             )
 
 
-def _unified_keypoints(manifests: list[Manifest]) -> KeypointSchema | None:
-    """The largest keypoint schema among the sources (first in config order on a tie)."""
-    schemas = [m.keypoints for m in manifests if "keypoints" in m.tasks and m.keypoints is not None]
+def _unified_keypoints(manifests: list[Manifest], source_tasks: dict[str, dict[str, str]],
+                       task: str) -> KeypointSchema | None:
+    """The largest keypoint schema among the sources feeding keypoint task ``task`` (first
+    in config order on a tie)."""
+    schemas = [m.keypoints for m in manifests
+               if source_tasks[m.name].get("keypoints") == task and m.keypoints is not None]
     return max(schemas, key=lambda s: len(s.names)) if schemas else None
 
 
-def keypoint_remap(schema: KeypointSchema, unified: KeypointSchema, *, source: str) -> list[int]:
+def keypoint_remap(schema: KeypointSchema, unified: KeypointSchema, *, source: str, task: str) -> list[int]:
     """Unified index of each of ``schema``'s keypoints, after checking that ``schema`` is a
     named subset of ``unified`` whose left/right pairs agree with it (a horizontal flip
     permutes keypoints by the unified pairs, so a source must mean the same by them).
-    ``source`` names it in errors ("source 'x'")."""
-    where = f"{source}: keypoint schema of task 'keypoints'"
+    ``source`` and ``task`` name them in errors ("source 'x'")."""
+    where = f"{source}: keypoint schema of task {task!r}"
     duplicates = sorted({n for n in schema.names if schema.names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{where} names {duplicates} more than once")
@@ -168,7 +202,7 @@ def keypoint_remap(schema: KeypointSchema, unified: KeypointSchema, *, source: s
     if missing:
         raise ValueError(
             f"{where}: keypoint name(s) {missing} are not in the unified schema {unified.names} (the largest source "
-            f"schema); a keypoint source must name a subset of it"
+            f"schema of the task); a keypoint source must name a subset of it"
         )
     pairs = {frozenset(p) for p in unified.flip_map}
     own = {frozenset(p) for p in schema.flip_map}
@@ -183,31 +217,66 @@ def keypoint_remap(schema: KeypointSchema, unified: KeypointSchema, *, source: s
     return [unified.names.index(n) for n in schema.names]
 
 
-def build_label_space(manifests: list[Manifest]) -> LabelSpace:
-    """Merge the sources' label spaces; every problem names the source and the task."""
-    space = LabelSpace(keypoints=_unified_keypoints(manifests))
+def build_label_space(manifests: list[Manifest], tasks: list[TaskSpec] | None = None,
+                      source_tasks: list[dict[str, str] | None] | None = None, *,
+                      where: str = "data.sources") -> LabelSpace:
+    """Each task's label space, merged over the sources feeding it. ``tasks``: the job's
+    (``model.tasks``), None = one per annotation type of ``manifests``; ``source_tasks``:
+    each manifest's explicit type -> task mapping (``data.sources[i].tasks``), None =
+    derived. Every problem names the source and the task."""
+    if tasks is None:
+        tasks = derived_tasks([list(m.tasks) for m in manifests])
+    explicit = source_tasks if source_tasks is not None else [None] * len(manifests)
+    space = LabelSpace(tasks=list(tasks), classes={t.name: [] for t in tasks})
+    for i, (m, mapping) in enumerate(zip(manifests, explicit)):
+        space.source_tasks[m.name] = source_task_names(m.name, list(m.tasks), tasks, mapping, where=f"{where}[{i}]")
+    for t in tasks:
+        if t.type == "keypoints":
+            schema = _unified_keypoints(manifests, space.source_tasks, t.name)
+            if schema is not None:
+                space.keypoint_schemas[t.name] = schema
+                space.classes[t.name] = list(schema.names)
     for m in manifests:
-        tasks = set(m.tasks)
-        if tasks & set(THING_TASKS):
+        fed = space.source_tasks[m.name]
+        thing_task = fed.get("detection") or next(
+            (space.task(fed[t]).boxes_from for t in THING_TYPES if t in fed), None)
+        if thing_task is not None:
             names = [c["name"] for c in m.categories]
-            task = next(t for t in THING_TASKS if t in tasks)
-            _check_names(m.name, task, names, space.thing_classes, "categories")
+            label = fed.get("detection") or fed["instance_mask"]
+            _check_names(m.name, label, names, space.classes[thing_task], "categories")
             ids = [c["id"] for c in m.categories]
-            space.category_to_index[m.name] = dict(zip(ids, _merge(names, space.thing_classes)))
-        if "keypoints" in tasks:
-            assert m.keypoints is not None and space.keypoints is not None  # Manifest.validate guarantees it
-            space.keypoint_remap[m.name] = keypoint_remap(m.keypoints, space.keypoints, source=f"source {m.name!r}")
-        if "semantic" in tasks:
-            _check_names(m.name, "semantic", m.semantic_classes, space.semantic_classes, "semantic_classes")
-            space.semantic_remap[m.name] = _merge(m.semantic_classes, space.semantic_classes)
-        if "classification" in tasks:
-            _check_names(m.name, "classification", m.classes, space.image_classes, "classes")
-            space.class_remap[m.name] = _merge(m.classes, space.image_classes)
+            space.category_to_index[m.name] = dict(zip(ids, _merge(names, space.classes[thing_task])))
+        if "keypoints" in fed:
+            assert m.keypoints is not None  # Manifest.validate guarantees it
+            task = fed["keypoints"]
+            space.keypoint_remap[m.name] = keypoint_remap(m.keypoints, space.keypoint_schemas[task],
+                                                          source=f"source {m.name!r}", task=task)
+        if "semantic" in fed:
+            task = fed["semantic"]
+            _check_names(m.name, task, m.semantic_classes, space.classes[task], "semantic_classes")
+            space.semantic_remap[m.name] = _merge(m.semantic_classes, space.classes[task])
+        if "classification" in fed:
+            task = fed["classification"]
+            _check_names(m.name, task, m.classes, space.classes[task], "classes")
+            space.class_remap[m.name] = _merge(m.classes, space.classes[task])
+    for t in tasks:  # an instance_mask task outputs its detection task's classes
+        if t.type == "instance_mask":
+            space.classes[t.name] = space.classes[t.boxes_from]
+    unfed = [t.name for t in tasks if not space.classes[t.name]]
+    if unfed:
+        raise ValueError(f"model.tasks: no source in {where} feeds task(s) {unfed} (or labels a class of them); "
+                         f"remove them or add a source that annotates them")
     return space
 
 
+def restrict_to_tasks(manifests: list[Manifest], space: LabelSpace) -> list[Manifest]:
+    """The manifests with only the annotation types a task trains: the rest are not decoded."""
+    return [dataclasses.replace(m, tasks=[t for t in m.tasks if t in space.source_tasks[m.name]])
+            for m in manifests]
+
+
 def output_differences(saved: dict[str, list[str]], current: dict[str, list[str]]) -> list[str]:
-    """One line per kind of label whose names differ between a checkpoint's
+    """One line per task whose output names differ between a checkpoint's
     :meth:`LabelSpace.outputs` (``saved``) and the config's (``current``): what is missing,
     what is new, or that the order differs (same names, other indices: the weights would
     load and predict the wrong classes)."""

@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_pipelines.schema import TASKS
+from data_pipelines.schema import TASK_TYPES
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = "polytask-shards/1"
@@ -95,9 +95,9 @@ class Manifest:
         return None if self.annotation_file is None else os.path.join(self.root, self.annotation_file)
 
     def validate(self, where: str) -> None:
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted(set(self.tasks) - set(TASK_TYPES))
         if unknown:
-            raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+            raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {list(TASK_TYPES)}")
         if not self.shards:
             raise ValueError(f"{where}: no shards listed")
         for i, shard in enumerate(self.shards):

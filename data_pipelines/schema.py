@@ -8,10 +8,12 @@ Per-sample dict (after decoding, before collate)::
     key         str                      "<source>/<sample key>", unique over all sources
     source      str                      source name (manifest ``name``)
     image       tv_tensors.Image         uint8 [3, H, W]
-    task_mask   torch.bool [T]           which of ``TASKS`` this sample is labelled for
+    task_mask   torch.bool [T]           which of the job's tasks (``model.tasks``, config order)
+                                         this sample is labelled for
     boxes       tv_tensors.BoundingBoxes float32 [N, 4] XYXY absolute pixels (instances + keypoint
                                          instances; empty [0, 4] when the sample has none)
-    labels      int64 [N]                contiguous class index in the task's label space
+    labels      int64 [N]                class index in the label space of the detection task the
+                                         source feeds (its cascade tasks share it)
     iscrowd     bool [N]                 crowd regions: kept for evaluation, ignored by losses
     masks       tv_tensors.Mask uint8 [N, H, W]       instance masks (only when instance_mask)
     keypoints   tv_tensors.KeyPoints float32 [N, K, 2]  (x, y) absolute pixels
@@ -22,6 +24,8 @@ Per-sample dict (after decoding, before collate)::
     semantic_coverage  bool [C_semantic]  instance_mask; semantic; classification), present only
     class_coverage     bool [C_image]    when it annotates some but not all: absent = all
 
+A source feeds at most one task of each type (``data_pipelines/tasks.py``), so the keys are
+per type: each holds the sample's labels in the label space of its task of that type.
 Keys for tasks a sample is not labelled for may be absent or hold empty tensors; the
 ``task_mask`` is the only authority on what is labelled. What a source does not annotate
 gets no loss: a class outside its coverage is neither positive nor negative on its samples,
@@ -32,14 +36,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where tensors are made: TASKS alone must not cost its 5 s import (CLI)
+if TYPE_CHECKING:  # torch is imported where tensors are made: the types alone must not cost its 5 s import (CLI)
     import torch
 
-# Fixed order: task_mask columns and every per-task tensor follow it.
-TASKS: tuple[str, ...] = ("detection", "instance_mask", "keypoints", "semantic", "classification")
-TASK_INDEX: dict[str, int] = {name: i for i, name in enumerate(TASKS)}
+# The kinds of annotation, which are also the types of tasks (data_pipelines/tasks.py).
+TASK_TYPES: tuple[str, ...] = ("detection", "instance_mask", "keypoints", "semantic", "classification")
 
-# Task -> the per-sample target holding its class coverage (keypoints need none: visibility 0).
+# Task type -> the per-sample target holding its class coverage (keypoints need none: visibility 0).
 COVERAGE_KEYS: dict[str, str] = {
     "detection": "thing_coverage",
     "instance_mask": "thing_coverage",
@@ -51,17 +54,15 @@ COVERAGE_KEYS: dict[str, str] = {
 IGNORE_INDEX = 255
 
 
-def task_mask_for(tasks: list[str] | tuple[str, ...]) -> torch.Tensor:
-    """Boolean availability mask over ``TASKS`` for a source labelling ``tasks``."""
-    unknown = sorted(set(tasks) - set(TASKS))
+def task_mask_for(labelled: list[str] | tuple[str, ...], tasks: list[str] | tuple[str, ...]) -> torch.Tensor:
+    """Boolean mask over the job's task names ``tasks`` for a source labelling the tasks
+    named in ``labelled``."""
+    unknown = sorted(set(labelled) - set(tasks))
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+        raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(tasks)}")
     import torch
 
-    mask = torch.zeros(len(TASKS), dtype=torch.bool)
-    for name in tasks:
-        mask[TASK_INDEX[name]] = True
-    return mask
+    return torch.tensor([name in labelled for name in tasks], dtype=torch.bool)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Batch:
             (``boxes``, ``labels``, ``iscrowd``, ``masks``, ``keypoints``,
             ``keypoint_visibility``, ``semantic``, ``class_label`` and the coverage keys)
             as plain tensors.
-        task_mask: bool [B, T], T = len(TASKS).
+        task_mask: bool [B, T], a column per task of the job, in ``model.tasks`` order.
         keys: sample keys, for audit and debugging.
         sources: source name of each sample.
         image_sizes: int64 [B, 2], each image's (height, width) before collate padded it

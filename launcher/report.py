@@ -25,7 +25,6 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from data_pipelines.schema import TASKS
 
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 100  # -> 800 x 500 pixels
@@ -114,7 +113,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _keys(rows: list[dict], prefix: str) -> list[str]:
-    return _ordered(sorted({k for r in rows for k in r if k.startswith(prefix)}), prefix)
+    return _ordered(list(dict.fromkeys(k for r in rows for k in r if k.startswith(prefix))), prefix)
 
 
 def _is_constant(values: list[float]) -> bool:
@@ -156,9 +155,8 @@ def _curves(
 
 
 def _ordered(keys: list[str], prefix: str) -> list[str]:
-    """Tasks in TASKS order, anything else (loss/total) after."""
-    rank = {f"{prefix}{t}": i for i, t in enumerate(TASKS)}
-    return sorted(keys, key=lambda k: (rank.get(k, len(TASKS)), k))
+    """Tasks in the order they were logged (model.tasks order), the total after."""
+    return sorted(keys, key=lambda k: k == f"{prefix}total")
 
 
 def _cosine_heatmaps(rows: list[dict], out: Path) -> list[Path]:
@@ -171,8 +169,7 @@ def _cosine_heatmaps(rows: list[dict], out: Path) -> list[Path]:
 
 def _cosine_heatmap(row: dict, path: Path) -> Path:
     pairs = {m.groups(): v for k, v in row.items() if (m := _COS_KEY.match(k))}
-    names = {t for pair in pairs for t in pair}
-    tasks = [t for t in TASKS if t in names] + sorted(names - set(TASKS))
+    tasks = list(dict.fromkeys(t for pair in pairs for t in pair))  # logged in model.tasks order
     matrix = [[1.0 if a == b else pairs.get((a, b), pairs.get((b, a), math.nan)) for b in tasks] for a in tasks]
     fig = _new_figure()
     ax = fig.add_subplot()

@@ -3,17 +3,14 @@
 Torch-free, like every config module (trainer/config.py says why)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from data_pipelines.schema import TASKS
+from data_pipelines.tasks import TaskSpec, parse_tasks
 
 # The registered backbones (models/backbone.py builds one per name): torchvision ResNets
 # with an FPN over layers 2-4.
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
-
-# Heads that pool RoIs: they train on ground-truth boxes but predict on detection's boxes.
-CASCADE_TASKS = ("instance_mask", "keypoints")
 
 
 @dataclass(kw_only=True)
@@ -26,7 +23,10 @@ class ModelConfig:
     backbone_norm: Literal["frozen_bn", "group_norm"] = "frozen_bn"
     trainable_backbone_layers: int = 5  # 0..5, counted from the last stage, as in torchvision
     fpn_channels: int = 128
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    # The tasks the model learns (data_pipelines/tasks.py): a list of types, each task named
+    # after its type, or a mapping of task names to types ({type, boxes_from} for cascades).
+    # None: one task per annotation type of the training sources, named after it.
+    tasks: list[str] | dict[str, Any] | None = None
     norm_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     norm_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # Images are zero-padded (bottom/right) to a multiple of this before the backbone.
@@ -71,12 +71,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: unknown {self.backbone!r}; registered: {list(BACKBONES)}")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks: expected a non-empty, duplicate-free subset of {list(TASKS)}, got {self.tasks}")
-        cascade = [t for t in CASCADE_TASKS if t in self.tasks]
-        if cascade and "detection" not in self.tasks:
-            raise ValueError(f"tasks: {cascade} predict on detection's boxes, so 'detection' must be a task too")
+        if self.tasks is not None:
+            parse_tasks(self.tasks, where="tasks")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ValueError(f"trainable_backbone_layers: expected 0..5, got {self.trainable_backbone_layers}")
         for name in ("fpn_channels", "semantic_channels"):
@@ -102,3 +98,9 @@ class ModelConfig:
             raise ValueError(f"classification_head_convs: expected 0 or more, got {self.classification_head_convs}")
         if self.fcos_center_sampling_radius <= 0:
             raise ValueError(f"fcos_center_sampling_radius: expected > 0, got {self.fcos_center_sampling_radius}")
+
+    @property
+    def task_specs(self) -> list[TaskSpec] | None:
+        """The configured tasks in config order, None when they are derived from the
+        training sources (``LabelSpace.tasks`` then holds them)."""
+        return None if self.tasks is None else parse_tasks(self.tasks, where="tasks")

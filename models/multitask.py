@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
-from data_pipelines.schema import TASK_INDEX, TASKS, Batch
+from data_pipelines.schema import Batch
+from data_pipelines.tasks import TaskSpec, check_cascades, parse_tasks
 from models.backbone import build_backbone
-from models.config import CASCADE_TASKS, ModelConfig
+from models.config import ModelConfig
 from models.heads import build_head
 from models.heads.base import Features
 
@@ -44,23 +45,26 @@ class MultiTaskOutput(NamedTuple):
 class MultiTaskModel(nn.Module):
     """Images in [0, 1] -> normalised, padded -> backbone + FPN (p3..p7) -> one head per task.
 
-    ``num_classes`` gives each configured task's output size (``LabelSpace.num_classes()``;
-    the number of keypoints for ``keypoints``).
+    Heads are keyed by task name and built by task type; ``tasks`` (``LabelSpace.tasks``,
+    in the order of the batch's task mask columns) default to ``cfg.task_specs``, else one
+    task per key of ``num_classes``, each a task type. ``num_classes`` gives each task's
+    output size (``LabelSpace.num_classes()``; the number of keypoints for a keypoint task).
     """
 
-    def __init__(self, cfg: ModelConfig, *, num_classes: dict[str, int]) -> None:
+    def __init__(self, cfg: ModelConfig, *, num_classes: dict[str, int], tasks: list[TaskSpec] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
-        missing = [t for t in cfg.tasks if t not in num_classes]
+        self.tasks = tasks or cfg.task_specs or parse_tasks(list(num_classes), where="num_classes")
+        check_cascades(self.tasks)
+        missing = [t.name for t in self.tasks if t.name not in num_classes]
         if missing:
             raise ValueError(f"num_classes: no entry for task(s) {missing}")
-        # TASKS order, whatever the config order: parameter order must match across ranks.
-        tasks = [t for t in TASKS if t in cfg.tasks]
         self.heads = nn.ModuleDict(
             {
-                t: build_head(t, cfg=cfg, in_channels=self.backbone.out_channels, num_classes=num_classes[t])
-                for t in tasks
+                t.name: build_head(t.type, cfg=cfg, in_channels=self.backbone.out_channels,
+                                   num_classes=num_classes[t.name])
+                for t in self.tasks
             }
         )
         self.register_buffer("mean", torch.tensor(cfg.norm_mean).view(1, 3, 1, 1), persistent=False)
@@ -95,8 +99,8 @@ class MultiTaskModel(nn.Module):
         image_size = self.padded_size(batch.images)
         sizes = _padded_sizes(batch.images, batch.image_sizes)
         losses, counts = {}, {}
-        for task, head in self.heads.items():
-            labelled = batch.task_mask[:, TASK_INDEX[task]]
+        for column, (task, head) in enumerate(self.heads.items()):
+            labelled = batch.task_mask[:, column]
             losses[task], counts[task] = head.loss(features, image_size, batch.targets, labelled, image_sizes=sizes)
         return losses, counts
 
@@ -124,33 +128,33 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def predict(
         self, images: Tensor, *, tasks: Sequence[str] | None = None, image_sizes: Sequence[Sequence[int]] | None = None
-    ) -> list[dict[str, Tensor]]:
-        """Per image: the outputs of ``tasks`` (default: every head), in the unpadded
-        image's pixels. The box cascades (masks, keypoints) also run detection.
+    ) -> list[dict[str, dict[str, Tensor]]]:
+        """Per image: task name -> that task's outputs, for ``tasks`` (default: every head),
+        in the unpadded image's pixels. A cascade task (masks, keypoints) also runs the
+        detection task it takes boxes from; its outputs are per box of that task's.
 
         ``image_sizes``: each image's (height, width) inside ``images`` when they were padded
         to one size (``Batch.image_sizes``): its dense outputs are cropped to it and its
         boxes clipped to it. None: every image fills ``images``."""
         wanted = set(self.heads) if tasks is None else set(tasks) & set(self.heads)
-        if wanted & set(CASCADE_TASKS):
-            wanted.add("detection")
+        wanted |= {t.boxes_from for t in self.tasks if t.name in wanted and t.boxes_from is not None}
         padded = _padded_sizes(images, image_sizes)  # None for a batch of one size: as before
         features = self.forward_features(images, padded)
         image_size = self.padded_size(images)
-        results: list[dict[str, Tensor]] = [{} for _ in range(images.shape[0])]
-        detections = None
-        # TASKS order runs detection before the heads that pool its boxes.
-        for task, head in self.heads.items():
-            if task not in wanted:
-                continue
-            outputs = head.predict(features, image_size, detections=detections, image_sizes=padded)
-            if task == "detection":
-                detections = outputs
+        results: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(images.shape[0])]
+        detections: dict[str, list[dict[str, Tensor]]] = {}
+        # Detection tasks first: the cascades pool their boxes.
+        for task in sorted((t for t in self.tasks if t.name in wanted), key=lambda t: t.boxes_from is not None):
+            outputs = self.heads[task.name].predict(
+                features, image_size, detections=detections.get(task.boxes_from), image_sizes=padded)
+            if task.type == "detection":
+                detections[task.name] = outputs
             for result, output in zip(results, outputs):
-                result.update(output)
+                result[task.name] = output
         if image_sizes is None:
             image_sizes = [images.shape[-2:]] * len(results)
-        return [_crop(r, int(h), int(w)) for r, (h, w) in zip(results, image_sizes)]
+        order = [t.name for t in self.tasks if t.name in wanted]  # model.tasks order
+        return [{task: _crop(r[task], int(h), int(w)) for task in order} for r, (h, w) in zip(results, image_sizes)]
 
 
 def _padded_sizes(images: Tensor, image_sizes: Tensor | Sequence[Sequence[int]] | None) -> list[list[int]] | None:
@@ -175,5 +179,5 @@ def _crop(result: dict[str, Tensor], height: int, width: int) -> dict[str, Tenso
     return out
 
 
-def build_model(cfg: ModelConfig, *, num_classes: dict[str, int]) -> MultiTaskModel:
-    return MultiTaskModel(cfg, num_classes=num_classes)
+def build_model(cfg: ModelConfig, *, num_classes: dict[str, int], tasks: list[TaskSpec] | None = None) -> MultiTaskModel:
+    return MultiTaskModel(cfg, num_classes=num_classes, tasks=tasks)

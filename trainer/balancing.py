@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from models.multitask import MultiTaskOutput
-from data_pipelines.schema import TASK_INDEX, Batch
+from data_pipelines.schema import Batch
 from models.trunk_cut import segment_parameters
 from trainer.balancers import Balancer, build_balancer
 from trainer.config import BalancerConfig
@@ -132,8 +132,7 @@ class LossBalancing:
         rows = []
         labelled = batch.task_mask.tolist()  # one device-to-host copy per step, not one per unit
         for task, source in zip(self.unit_tasks, self.unit_sources):
-            column = TASK_INDEX[self.tasks[task]]
-            mask = [bool(lab[column]) and (source is None or src == source) for lab, src in zip(labelled, batch.sources)]
+            mask = [bool(lab[task]) and (source is None or src == source) for lab, src in zip(labelled, batch.sources)]
             rows.append((task, torch.tensor(mask, device=device) if any(mask) else None))
         return rows
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from data_pipelines.schema import TASKS
 from data_pipelines.streaming.config import DataConfig
 from models.config import ModelConfig
 from models.trunk_cut import CUTS
@@ -51,7 +50,8 @@ class TrainerConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; statistics stay fp32
-    # Static per-task loss weights (dynamic balancing comes with the balancer); missing = 1.0.
+    # Static per-task loss weights by task name (model.tasks; dynamic balancing comes with
+    # the balancer); missing = 1.0.
     loss_weights: dict[str, float] = field(default_factory=dict)
     log_every: int = 10
     dist_timeout_s: int = 600
@@ -79,9 +79,12 @@ class TrainerConfig:
         bad = {t: w for t, w in self.loss_weights.items() if not math.isfinite(w) or w < 0}
         if bad:
             raise ValueError(f"trainer.loss_weights must be finite and >= 0, got {bad}")
-        unknown = sorted(set(self.loss_weights) - set(TASKS))
-        if unknown:
-            raise ValueError(f"trainer.loss_weights: unknown task(s) {unknown}; expected some of {list(TASKS)}")
+
+
+def check_loss_weights(weights: dict[str, float], tasks: list[str]) -> None:
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"trainer.loss_weights: unknown task(s) {unknown}; the tasks (model.tasks) are {tasks}")
 
 
 @dataclass(kw_only=True)
@@ -219,6 +222,8 @@ class JobConfig:
             # A dynamic balancer needs the step's global statistics before its backward pass.
             raise ValueError(f"balancer.name={self.balancer.name!r} needs trainer.grad_accum_steps=1 "
                              f"(only static and equal accumulate micro-batches)")
+        if self.model.task_specs is not None:  # else checked against the derived tasks (preflight)
+            check_loss_weights(self.trainer.loss_weights, [t.name for t in self.model.task_specs])
         if self.trainer.loss_weights and self.balancer.name != "static":
             raise ValueError(f"trainer.loss_weights would be ignored: it sets the weights of balancer.name=static, "
                              f"and balancer.name is {self.balancer.name!r}")

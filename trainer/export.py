@@ -5,9 +5,9 @@ Output in ``out_dir``::
 
     model.safetensors   the consolidated model weights (the state_dict of ``MultiTaskModel``),
                         nothing else: no optimizer, no pickled objects
-    model.json          what rebuilds and reads the model: the model config, the output sizes
-                        per task, the label spaces (class names by output index), the keypoint
-                        schema with its OKS sigmas, the input normalisation and size, and the
+    model.json          what rebuilds and reads the model: the model config, its tasks (name,
+                        type, boxes_from), the output sizes and label spaces (names by output
+                        index) per task, each keypoint task's schema with its OKS sigmas, the input normalisation and size, and the
                         checkpoint it came from
 
 Rebuilding needs no process group (see README, "Exporting a model")::
@@ -28,11 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from data_pipelines.label_space import LabelSpace, build_label_space
+from data_pipelines.label_space import LabelSpace
 from data_pipelines.streaming.config import TransformConfig
-from data_pipelines.streaming.loader import load_manifests
+from data_pipelines.streaming.loader import load_label_space
 from models import ModelConfig, MultiTaskModel, build_model
 from trainer.backends import BACKENDS, load_model_weights
 from trainer.checkpoint import Checkpointer, CheckpointLoadError
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 SPEC_NAME = "model.json"
 FORMAT = "polytask-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tasks by name, label spaces and keypoint schemas per task
 
 
 def checkpoint_model(cfg: JobConfig, checkpoint: str | Path) -> tuple[MultiTaskModel, LabelSpace, dict[str, Any]]:
@@ -59,13 +58,12 @@ def checkpoint_model(cfg: JobConfig, checkpoint: str | Path) -> tuple[MultiTaskM
     backend = meta.get("backend", "ddp")
     if backend not in BACKENDS:
         raise ConfigError(f"{checkpoint}: written by an unknown backend {backend!r}")
-    label_space = build_label_space(load_manifests(cfg.data))
+    label_space = load_label_space(cfg.data, cfg.model.task_specs)[0]
     try:
-        check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space,
-                           model_cfg=cfg.model)
+        check_model_record(checkpoint, meta, label_space=label_space, model_cfg=cfg.model)
     except CheckpointLoadError as e:  # one line, as the other checkpoint problems here
         raise ConfigError(str(e)) from None
-    model = build_model(cfg.model, num_classes=label_space.num_classes())
+    model = build_model(cfg.model, num_classes=label_space.num_classes(), tasks=label_space.tasks)
     # DCP reads collectively: a process group of one, as `polytask eval` uses alone, unless
     # the caller already runs in one.
     owned = not dist.is_initialized()
@@ -93,7 +91,7 @@ def export_model(cfg: JobConfig, checkpoint: str | Path, out_dir: str | Path) ->
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)
-    spec = export_spec(model, cfg.model, label_space, transforms=cfg.data.transforms)
+    spec = export_spec(cfg.model, label_space, transforms=cfg.data.transforms)
     spec["weights"] = {"file": WEIGHTS_NAME, "sha256": digest}
     spec["checkpoint"] = {"path": str(Path(checkpoint).resolve()), "step": meta.get("step"),
                           "backend": meta.get("backend", "ddp")}
@@ -103,26 +101,28 @@ def export_model(cfg: JobConfig, checkpoint: str | Path, out_dir: str | Path) ->
     return [weights, spec_path]
 
 
-def export_spec(model: nn.Module, model_cfg: ModelConfig, label_space: LabelSpace, *, transforms: TransformConfig) -> dict:
+def export_spec(model_cfg: ModelConfig, label_space: LabelSpace, *, transforms: TransformConfig) -> dict:
     """The JSON-able description that rebuilds the model and names its outputs."""
-    keypoints = label_space.keypoints
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": asdict(model_cfg),
+        # The tasks as the job resolved them (model.tasks, or the ones derived from the
+        # sources), so that ModelConfig(**spec["model"]) rebuilds these heads.
+        "model": asdict(model_cfg) | {"tasks": {t.name: {"type": t.type, "boxes_from": t.boxes_from}
+                                                for t in label_space.tasks}},
         "num_classes": label_space.num_classes(),
-        "tasks": list(model.heads),
-        # Output index -> name, per kind of label.
-        "label_space": {
-            "thing_classes": list(label_space.thing_classes),
-            "semantic_classes": list(label_space.semantic_classes),
-            "image_classes": list(label_space.image_classes),
-        },
-        "keypoints": None if keypoints is None else {
-            "names": list(keypoints.names),
-            "skeleton": [list(pair) for pair in keypoints.skeleton],  # 1-based pairs, as in COCO
-            "flip_map": [list(pair) for pair in keypoints.flip_map],
-            "sigmas": list(keypoints.sigmas),  # OKS sigmas, one per keypoint
+        "tasks": [{"name": t.name, "type": t.type, "boxes_from": t.boxes_from} for t in label_space.tasks],
+        # Output index -> name, per task (predict() returns outputs per task name).
+        "label_space": label_space.outputs(),
+        # Per keypoint task, its (unified) schema.
+        "keypoints": {
+            task: {
+                "names": list(schema.names),
+                "skeleton": [list(pair) for pair in schema.skeleton],  # 1-based pairs, as in COCO
+                "flip_map": [list(pair) for pair in schema.flip_map],
+                "sigmas": list(schema.sigmas),  # OKS sigmas, one per keypoint
+            }
+            for task, schema in label_space.keypoint_schemas.items()
         },
         # predict() takes float RGB in [0, 1], [B, 3, H, W]; it normalises itself (model.norm_*).
         # Resized as evaluation does: square = image_size x image_size; short_side = one
@@ -139,6 +139,7 @@ def load_exported_model(directory: str | Path) -> tuple[MultiTaskModel, dict]:
     if spec.get("format") != FORMAT:
         raise ValueError(f"{directory / SPEC_NAME}: not a polytask model export (format {spec.get('format')!r})")
     # An export from before model.fcos_box_activation existed was trained with ReLU.
+    # spec["model"]["tasks"] holds the tasks (version 1: their types, each task named after its type).
     model = build_model(ModelConfig(**{"fcos_box_activation": "relu", **spec["model"]}), num_classes=spec["num_classes"])
     state: dict[str, torch.Tensor] = load_file(directory / spec["weights"]["file"])
     model.load_state_dict(state)

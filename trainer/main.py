@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 from data_pipelines.bad_data import TooManyBadSamples
-from data_pipelines.label_space import build_label_space
-from data_pipelines.streaming.loader import load_manifests
+from data_pipelines.streaming.loader import load_label_space
 from models import build_model
 from trainer.backends import BACKENDS, load_model_weights
 from trainer.checkpoint import Checkpointer, CheckpointLoadError, CheckpointSaveError
@@ -76,11 +75,10 @@ def run_eval(cfg: JobConfig, *, checkpoint: str | Path) -> int:
     try:
         # The label space of the training sources, as in training: it fixes the head sizes
         # and what the model's class indices mean.
-        label_space = build_label_space(load_manifests(cfg.data))
-        model = build_model(cfg.model, num_classes=label_space.num_classes()).to(dist_info.device)
+        label_space = load_label_space(cfg.data, cfg.model.task_specs)[0]
+        model = build_model(cfg.model, num_classes=label_space.num_classes(), tasks=label_space.tasks).to(dist_info.device)
         try:
-            check_model_record(checkpoint, meta, tasks=list(cfg.model.tasks), label_space=label_space,
-                               model_cfg=cfg.model)
+            check_model_record(checkpoint, meta, label_space=label_space, model_cfg=cfg.model)
             load_model_weights(model, checkpoint, backend=backend)
         except CheckpointLoadError as e:  # a user error: the message says it all, no traceback
             log.error("%s", e)

@@ -22,9 +22,10 @@ from typing import TypeVar
 
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.streaming.loader import build_train_loader
+from data_pipelines.tasks import check_cascades
 from trainer.checkpoint import META_NAME, Checkpointer, CheckpointLoadError
 from trainer.checkpoint.compatibility import check_model_record
-from trainer.config import JobConfig
+from trainer.config import JobConfig, check_loss_weights
 from trainer.evaluation.best_metric import check_best_metric
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
@@ -44,17 +45,19 @@ def preflight_problems(cfg: JobConfig, *, world_size: int) -> list[str]:
             problems.append(_one_line(e))
             return None
 
-    built = attempt(lambda: build_train_loader(cfg.data, rank=0, world_size=world_size))
+    built = attempt(lambda: build_train_loader(cfg.data, tasks=cfg.model.task_specs, rank=0, world_size=world_size))
     if not cfg.eval.sources:
         attempt(lambda: check_best_metric(cfg.eval, {}))
     elif built is None:  # without the training label space, the manifests are what can be checked
-        attempt(lambda: load_eval_manifests(cfg.eval, model_tasks=list(cfg.model.tasks)))
+        attempt(lambda: load_eval_manifests(cfg.eval))
     else:
         _, label_space, _ = built
-        specs = attempt(lambda: eval_source_specs(cfg.eval, model_tasks=cfg.model.tasks, label_space=label_space))
+        specs = attempt(lambda: eval_source_specs(cfg.eval, label_space=label_space))
         if specs is not None:
             attempt(lambda: check_best_metric(cfg.eval, specs))
     if built is not None:
+        attempt(lambda: check_cascades(built[1].tasks))
+        attempt(lambda: check_loss_weights(cfg.trainer.loss_weights, built[1].task_names))
         attempt(lambda: check_resume_checkpoint(cfg, built[1]))
     return problems
 
@@ -69,15 +72,13 @@ def check_resume_checkpoint(cfg: JobConfig, label_space: LabelSpace) -> None:
     # A named checkpoint that is not there (or incomplete) is the ranks' to report, as a
     # resume failure (a Slurm job then ends FAILED, not requeued).
     if path is not None and (path / META_NAME).is_file():
-        check_model_record(path, checkpointer.read_meta(path), tasks=list(cfg.model.tasks), label_space=label_space,
-                           model_cfg=cfg.model)
+        check_model_record(path, checkpointer.read_meta(path), label_space=label_space, model_cfg=cfg.model)
 
 
-def eval_source_specs(cfg: EvalConfig, *, model_tasks: list[str], label_space: LabelSpace) -> dict[str, SourceSpec]:
+def eval_source_specs(cfg: EvalConfig, *, label_space: LabelSpace) -> dict[str, SourceSpec]:
     """What each validation source is scored on, as the evaluator works it out, after checking
     that the COCO ground truth it scores against is there (rather than after training)."""
-    manifests = load_eval_manifests(cfg, model_tasks=list(model_tasks))
-    space = map_eval_sources(label_space, manifests)
+    space, manifests = map_eval_sources(label_space, load_eval_manifests(cfg), cfg.sources)
     specs = {}
     for i, (source, manifest) in enumerate(zip(cfg.sources, manifests)):
         try:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data_pipelines.schema import TASK_INDEX, Batch
+from data_pipelines.schema import Batch
 
 
 def local_task_counts(batch: Batch, tasks: list[str]) -> torch.Tensor:
-    """Labelled samples per task in one local batch, float32 [T] (what the heads average over)."""
-    columns = [TASK_INDEX[t] for t in tasks]
-    return batch.task_mask[:, columns].sum(dim=0).float()
+    """Labelled samples per task in one local batch, float32 [T] (what the heads average
+    over); ``tasks``: the job's task names, which are the task mask's columns."""
+    if batch.task_mask.shape[1] != len(tasks):
+        raise ValueError(f"the batch's task mask has {batch.task_mask.shape[1]} columns for {len(tasks)} tasks {tasks}")
+    return batch.task_mask.sum(dim=0).float()
 
 
 class GlobalTaskCounts:

@@ -101,17 +101,19 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         self.loader, self.label_space, self.manifests = build_train_loader(
-            cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=self.device
+            cfg.data, tasks=cfg.model.task_specs, rank=dist_info.rank, world_size=dist_info.world_size, device=self.device
         )
         coverage = coverage_lines(self.label_space.coverage_table(self.manifests))
         if dist_info.is_main:
             log.info("label coverage, source: task covered/label-space size (what a source does not annotate "
                      "gets no loss on its samples):\n  %s", "\n  ".join(coverage))
-        model = build_model(cfg.model, num_classes=self.label_space.num_classes()).to(self.device)
-        self.tasks: list[str] = list(cfg.model.tasks)
+        model = build_model(cfg.model, num_classes=self.label_space.num_classes(),
+                            tasks=self.label_space.tasks).to(self.device)
+        self.tasks: list[str] = self.label_space.task_names
         self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=cfg.trainer.loss_weights,
                                        world_size=dist_info.world_size,
-                                       source_tasks={m.name: list(m.tasks) for m in self.manifests})
+                                       source_tasks={m.name: list(self.label_space.source_tasks[m.name].values())
+                                                     for m in self.manifests})
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
                                      micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save,
                                      checkpoint_format=cfg.checkpoint.format)
@@ -147,7 +149,7 @@ class Trainer:
         self.audit = AuditWriter(self.run_dir, dist_info.rank) if cfg.data.audit else None
         # The launcher's checks (trainer/preflight.py), for ranks started without it: now, not
         # after hours of training.
-        eval_specs = (eval_source_specs(cfg.eval, model_tasks=self.tasks, label_space=self.label_space)
+        eval_specs = (eval_source_specs(cfg.eval, label_space=self.label_space)
                       if cfg.eval.enabled else {})
         check_best_metric(cfg.eval, eval_specs)
         self.best = None
@@ -188,7 +190,7 @@ class Trainer:
         backend = self.cfg.trainer.backend
         if meta.get("backend", "ddp") != backend:
             raise CheckpointLoadError(f"{path}: written by the {meta.get('backend')!r} backend, this job uses {backend!r}")
-        check_model_record(path, meta, tasks=self.tasks, label_space=self.label_space, model_cfg=self.cfg.model)
+        check_model_record(path, meta, label_space=self.label_space, model_cfg=self.cfg.model)
         self._warn_batch_change(path, meta)
         load_parts(self.parts, lambda templates: self.backend.load(path, templates), saved_world_size=old_world)
         if not same_world:
@@ -225,7 +227,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self._check_weights_finite()  # checkpoints/latest never points at NaN weights
         meta = {"wandb_run_id": self.metrics.run_id, "backend": self.cfg.trainer.backend, **self._batch_layout(),
-                **model_record(self.tasks, self.label_space, self.cfg.model)}
+                **model_record(self.label_space, self.cfg.model)}
         extra = parts_state(self.parts)
         return self.checkpointer.save(self.step, lambda d: self.backend.save(d, extra), meta)
 

@@ -96,6 +96,10 @@ class SourceConfig:
     # brace-expanded to exactly the manifest's shards, in manifest order.
     shards: str | None = None
     transforms: TransformConfig | None = None  # this source's own; default: DataConfig.transforms
+    # Annotation type -> the task (model.tasks name) it trains, e.g. {detection: driving};
+    # unmapped types go to the task named after the type, else the only task of the type
+    # (data_pipelines/tasks.py).
+    tasks: dict[str, str] | None = None
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,6 @@ ranks differ by sampling noise, with ``homogeneous`` they agree), except
 """
 from __future__ import annotations
 
-from data_pipelines.schema import TASKS
 
 
 def source_counts(state: dict) -> dict[str, dict[str, int]]:
@@ -50,7 +49,7 @@ def data_metrics(
         row[f"data/{name}/epoch"] = (samples[name] + bad) / rank_share
         row[f"data/{name}/target"] = targets[name]
         row[f"data/{name}/realised"] = samples[name] / total if total else 0.0
-    for task in TASKS:
+    for task in dict.fromkeys(t for tasks in source_tasks.values() for t in tasks):
         labelled = [name for name, tasks in source_tasks.items() if task in tasks]
         if labelled:
             row[f"data/task/{task}/target"] = sum(targets[n] for n in labelled)

@@ -12,7 +12,6 @@ x / r), masks rasterised, and semantic masks sampled, at the decoded size.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from data_pipelines.annotation_check import check_annotation, check_annotation_list, check_image_entry
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import IGNORE_INDEX, task_mask_for
+from data_pipelines.schema import IGNORE_INDEX
 
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -95,7 +94,7 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
         "key": f"{source}/{raw['__key__']}",
         "source": source,
         "image": image,
-        "task_mask": _task_mask(tuple(manifest.tasks)),
+        "task_mask": label_space.task_mask(source),
         "boxes": tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width)),
         "labels": _labels(anns, label_space.category_to_index.get(source)),
         "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
@@ -106,7 +105,8 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
         assert manifest.keypoints is not None  # Manifest.validate guarantees it
         points, visibility = _keypoints(anns, len(manifest.keypoints.names), frame)
         sample["keypoints"], sample["keypoint_visibility"] = _to_unified_keypoints(
-            points, visibility, label_space.keypoint_remap.get(source), label_space.num_classes()["keypoints"]
+            points, visibility, label_space.keypoint_remap.get(source),
+            len(label_space.keypoint_schemas[label_space.task_of(source, "keypoints")].names),
         )
     if "semantic" in tasks:
         sample["semantic"] = _semantic(raw, label_space.semantic_remap[source], frame)
@@ -115,13 +115,6 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
     # Which classes the source annotates, for the tasks it covers in part (shared tensors).
     sample.update(label_space.sample_coverage(source))
     return sample
-
-
-@functools.lru_cache(maxsize=None)
-def _task_mask(tasks: tuple[str, ...]) -> torch.Tensor:
-    # Built once per source, not per sample (it costs as much as a small resize); shared
-    # read-only: collate stacks copies.
-    return task_mask_for(tasks)
 
 
 def _require(d: dict, keys: tuple[str, ...], what: str) -> None:

@@ -21,10 +21,11 @@ from data_pipelines.streaming.batch_transport import unpack
 from data_pipelines.streaming.config import DataConfig, SourceConfig
 from data_pipelines.streaming.data_metrics import data_metrics, source_counts
 from data_pipelines.streaming.epoch_plan import SourcePlan
-from data_pipelines.label_space import LabelSpace, build_label_space
+from data_pipelines.label_space import LabelSpace, build_label_space, restrict_to_tasks
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.streaming.prepare import SamplePreparer
 from data_pipelines.schema import Batch
+from data_pipelines.tasks import TaskSpec
 from data_pipelines.streaming.seeding import derive_seed
 from data_pipelines.streaming.stream import MixedSourceStream
 from data_pipelines.streaming.stream_state import merge_worker_states
@@ -164,17 +165,26 @@ def _log_small_source(plan: SourcePlan, *, world_size: int, readers_per_rank: in
     )
 
 
-def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int,
+def load_label_space(cfg: DataConfig, tasks: list[TaskSpec] | None) -> tuple[LabelSpace, list[Manifest]]:
+    """The label space of ``tasks`` (``model.tasks``; None: derived from the sources) over
+    the configured sources, and their manifests restricted to the annotation types a task
+    trains."""
+    manifests = load_manifests(cfg)
+    label_space = build_label_space(manifests, tasks, [s.tasks for s in cfg.sources])
+    return label_space, restrict_to_tasks(manifests, label_space)
+
+
+def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, tasks: list[TaskSpec] | None = None,
                        device: torch.device | None = None) -> tuple[TrainLoader, LabelSpace, list[Manifest]]:
-    """An endless loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank.
+    """An endless loader of :class:`Batch` (``cfg.batch_size`` samples) for one rank, for
+    the named ``tasks`` (``model.tasks``; None: one per annotation type of the sources).
 
     The stream builds whole batches (see ``stream.py``); the loader's ``state_dict()`` /
     ``load_state_dict()`` checkpoint its position and ``data_metrics()`` reports the mix.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    manifests = load_manifests(cfg)
-    label_space = build_label_space(manifests)
+    label_space, manifests = load_label_space(cfg, tasks)
     weights = strategy_weights(
         cfg.sampling,
         num_samples={m.name: m.num_samples for m in manifests},
@@ -199,11 +209,9 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int,
             raise ValueError(f"{where}: source {plan.name!r} ({cfg.sources[i].path}) has no samples")
         if rank == 0:
             _log_small_source(plan, world_size=world_size, readers_per_rank=cfg.readers_per_rank)
-    flip_permutation = label_space.keypoints.flip_permutation() if label_space.keypoints else None
     transform_cfgs = {m.name: s.transforms or cfg.transforms for m, s in zip(manifests, cfg.sources)}
-    transforms = {
-        name: build_train_transforms(t, flip_permutation=flip_permutation) for name, t in transform_cfgs.items()
-    }
+    transforms = {name: build_train_transforms(t, flip_permutation=_flip_permutation(label_space, name))
+                  for name, t in transform_cfgs.items()}
     sampler = TaskSampler(
         weights, strategy=cfg.sampling, composition=cfg.composition, batch_size=cfg.batch_size,
         seed=cfg.seed, readers_per_rank=cfg.readers_per_rank,
@@ -231,6 +239,13 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int,
         # per sample); a generator of our own keeps the trainer's global RNG untouched.
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, rank, "torch")),
         targets=sampler.probabilities,
-        source_tasks={m.name: list(m.tasks) for m in manifests},
+        source_tasks={m.name: list(label_space.source_tasks[m.name].values()) for m in manifests},
     )
     return loader, label_space, manifests
+
+
+def _flip_permutation(label_space: LabelSpace, source: str) -> list[int] | None:
+    """The left/right swap of the keypoint task ``source`` feeds (its keypoints are put in
+    that task's unified schema), None without keypoints."""
+    schema = label_space.keypoint_schema_of(source)
+    return None if schema is None else schema.flip_permutation()

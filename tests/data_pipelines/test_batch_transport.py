@@ -5,13 +5,13 @@ from torchvision import tv_tensors
 
 from data_pipelines.streaming.batch_transport import pack, unpack
 from data_pipelines.streaming.collate import collate
-from data_pipelines.schema import task_mask_for
+from data_pipelines.schema import TASK_TYPES, task_mask_for
 
 
 def _sample(i: int, **targets) -> dict:
     image = torch.randint(0, 256, (3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
     return {"key": f"s/{i}", "source": "s", "image": tv_tensors.Image(image),
-            "task_mask": task_mask_for(["detection"] if "boxes" in targets else []), **targets}
+            "task_mask": task_mask_for(["detection"] if "boxes" in targets else [], ["detection", "classification"]), **targets}
 
 
 SAMPLES = [
@@ -44,7 +44,7 @@ def _sized(i: int, height: int, width: int) -> dict:
     g = torch.Generator().manual_seed(i)
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
     return {"key": f"s/{i}", "source": "s", "image": tv_tensors.Image(image),
-            "task_mask": task_mask_for(["detection", "instance_mask", "semantic"]),
+            "task_mask": task_mask_for(["detection", "instance_mask", "semantic"], TASK_TYPES),
             "boxes": tv_tensors.BoundingBoxes(torch.rand(2, 4), format="XYXY", canvas_size=(height, width)),
             "labels": torch.tensor([1, 2]), "masks": tv_tensors.Mask(torch.ones(2, height, width, dtype=torch.uint8)),
             "semantic": tv_tensors.Mask(torch.randint(0, 3, (height, width), generator=g))}

@@ -13,11 +13,11 @@ from torchvision import tv_tensors
 from data_pipelines.streaming.decode import decode_sample
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import Manifest, ShardInfo
-from data_pipelines.schema import IGNORE_INDEX, TASKS, task_mask_for
+from data_pipelines.schema import IGNORE_INDEX, TASK_TYPES, task_mask_for
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, jpeg_bytes, png_bytes, sample_member, write_source
 
 H, W = 20, 24
-ALL_TASKS = list(TASKS)
+ALL_TASKS = list(TASK_TYPES)
 # Listed first, so the label space's indices differ from the raw ids of the source under test.
 EARLIER = Manifest(
     name="earlier",
@@ -100,7 +100,7 @@ def test_decoded_sample_matches_annotations(source):
     out = decode_sample(_read_first(manifest), manifest=manifest, label_space=space)
 
     assert out["key"] == "main/img-001" and out["source"] == "main"
-    assert torch.equal(out["task_mask"], task_mask_for(ALL_TASKS))
+    assert torch.equal(out["task_mask"], task_mask_for(ALL_TASKS, TASK_TYPES))
     assert isinstance(out["image"], tv_tensors.Image) and out["image"].dtype == torch.uint8
     assert torch.equal(out["image"], torch.from_numpy(exp["rgb"]).permute(2, 0, 1))
 

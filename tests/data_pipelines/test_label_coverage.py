@@ -36,7 +36,7 @@ def test_coverage_per_source_and_task(demo_sources):
     manifests = [load_manifest(demo_sources / "train" / s)
                  for s in ("shapes_instances", "shapes_keypoints", "shapes_semantic", "shapes_classes")]
     space = build_label_space(manifests)
-    assert space.thing_classes == ["circle", "square", "triangle", "figure"]
+    assert space.classes["detection"] == ["circle", "square", "triangle", "figure"]
     assert space.covered("shapes_keypoints", "detection") == [3]
     assert space.covered("shapes_instances", "instance_mask") == [0, 1, 2]
     assert space.covered("shapes_semantic", "detection") is None  # does not label it
@@ -61,7 +61,7 @@ def test_partial_semantic_and_image_classes_are_covered_by_name():
         _manifest("city", ["semantic", "classification"], semantic_classes=["road", "car"], classes=["day", "night"]),
         _manifest("indoor", ["semantic", "classification"], semantic_classes=["floor", "car"], classes=["night"]),
     ])
-    assert space.semantic_classes == ["road", "car", "floor"] and space.image_classes == ["day", "night"]
+    assert space.classes["semantic"] == ["road", "car", "floor"] and space.classes["classification"] == ["day", "night"]
     coverage = space.sample_coverage("indoor")
     assert coverage["semantic_coverage"].tolist() == [False, True, True]
     assert coverage["class_coverage"].tolist() == [False, True]
@@ -78,10 +78,10 @@ def test_coverage_travels_through_collate_and_the_worker_transport():
     def sample(source: str, i: int) -> dict:
         from torchvision import tv_tensors
 
-        from data_pipelines.schema import task_mask_for
+        from data_pipelines.schema import TASK_TYPES, task_mask_for
 
         return {"key": f"{source}/{i}", "source": source, "image": tv_tensors.Image(torch.zeros(3, 4, 4, dtype=torch.uint8)),
-                "task_mask": task_mask_for(["detection"]), "boxes": torch.zeros(0, 4),
+                "task_mask": task_mask_for(["detection"], TASK_TYPES), "boxes": torch.zeros(0, 4),
                 "labels": torch.zeros(0, dtype=torch.int64), **space.sample_coverage(source)}
 
     samples = [sample("b", 0), sample("a", 1), sample("b", 2)]
@@ -95,7 +95,7 @@ def test_keypoint_subset_is_remapped_by_name_and_flip_pairs_must_agree():
     upper = KeypointSchema(names=["right_hand", "left_hand"], flip_map=[["right_hand", "left_hand"]], sigmas=[0.1] * 2)
     space = build_label_space([_manifest("hands", ["keypoints"], keypoints=upper),
                                _manifest("figures", ["keypoints"], keypoints=FIGURE)])
-    assert space.keypoints == FIGURE and space.keypoint_remap == {"hands": [2, 1], "figures": [0, 1, 2]}
+    assert space.keypoint_schemas["keypoints"] == FIGURE and space.keypoint_remap == {"hands": [2, 1], "figures": [0, 1, 2]}
     assert space.coverage_table([_manifest("hands", ["keypoints"], keypoints=upper)]) == {"hands": {"keypoints": "2/3"}}
     no_pair = KeypointSchema(names=["left_hand", "right_hand"], sigmas=[0.1] * 2)
     with pytest.raises(ValueError, match=r"source 'hands': keypoint schema of task 'keypoints': lacks the unified "
@@ -158,3 +158,82 @@ def test_launcher_stops_bad_label_spaces_before_the_ranks(demo_sources, tmp_path
     assert code == 2 and len(errors) == 1, errors
     assert all(part in errors[0] for part in expected), errors
     assert not (tmp_path / "run").exists()
+
+
+# Named tasks (data_pipelines/tasks.py): several tasks of one type, each with its own label space.
+
+def _tasks(**types) -> list:
+    from data_pipelines.tasks import parse_tasks
+
+    return parse_tasks(types)
+
+
+HANDS = KeypointSchema(names=["thumb", "index"], sigmas=[0.1] * 2)
+HAND = KeypointSchema(names=["thumb"], sigmas=[0.1])
+
+
+def test_several_tasks_of_one_type_have_their_own_label_spaces():
+    tasks = _tasks(coco="detection", driving="detection", people={"type": "keypoints", "boxes_from": "coco"},
+                   hands={"type": "keypoints", "boxes_from": "coco"}, weather="classification",
+                   daytime="classification")
+    manifests = [
+        _manifest("coco", ["detection", "keypoints"], categories=_categories("person", "dog"), keypoints=FIGURE),
+        _manifest("cars", ["detection"], categories=_categories("car", "person")),
+        _manifest("hands_a", ["keypoints"], keypoints=HANDS),
+        _manifest("hands_b", ["keypoints"], keypoints=HAND),
+        _manifest("sky", ["classification"], classes=["sun", "rain"]),
+        _manifest("clock", ["classification"], classes=["day", "night"]),
+    ]
+    space = build_label_space(manifests, tasks, [{"detection": "coco", "keypoints": "people"},
+                                                 {"detection": "driving"}, {"keypoints": "hands"},
+                                                 {"keypoints": "hands"}, {"classification": "weather"},
+                                                 {"classification": "daytime"}])
+    # "person" in two detection tasks is two outputs, one per head: label spaces do not merge across tasks.
+    assert space.classes["coco"] == ["person", "dog"] and space.classes["driving"] == ["car", "person"]
+    assert space.classes["people"] == FIGURE.names and space.classes["hands"] == ["thumb", "index"]
+    assert space.classes["weather"] == ["sun", "rain"] and space.classes["daytime"] == ["day", "night"]
+    assert space.category_to_index["cars"] == {10: 0, 11: 1}
+    assert space.keypoint_remap["hands_b"] == [0]  # into its own task's unified schema, not the figure's
+    assert space.task_mask("coco").tolist() == [True, False, True, False, False, False]
+    assert space.task_mask("clock").tolist() == [False, False, False, False, False, True]
+    assert space.coverage_table(manifests)["hands_b"] == {"hands": "1/2"}
+    assert space.num_classes() == {"coco": 2, "driving": 2, "people": 3, "hands": 2, "weather": 2, "daytime": 2}
+
+
+def test_a_source_type_goes_to_the_task_named_after_it_else_the_only_one_of_its_type():
+    tasks = _tasks(detection="detection", things="detection", weather="classification")
+    space = build_label_space([_manifest("coco", ["detection"], categories=_categories("dog")),
+                               _manifest("cars", ["detection"], categories=_categories("car")),
+                               _manifest("sky", ["classification", "semantic"], classes=["sun"],
+                                         semantic_classes=["cloud"])], tasks, [None, {"detection": "things"}, None])
+    assert space.source_tasks == {"coco": {"detection": "detection"}, "cars": {"detection": "things"},
+                                  "sky": {"classification": "weather"}}
+    # A type no task has (semantic) is not trained: a task without any source is an error.
+    with pytest.raises(ValueError, match=r"no source in data\.sources feeds task\(s\) \['things'\]"):
+        build_label_space([_manifest("coco", ["detection"], categories=_categories("dog"))],
+                          _tasks(detection="detection", things="detection"))
+
+
+@pytest.mark.parametrize(("tasks", "mappings", "message"), [
+    ({"coco": "detection", "cars": "detection"}, [None],
+     "data.sources[0].tasks: source 'coco' has 'detection' annotations and there are several detection tasks "
+     "['coco', 'cars']; map it to one"),
+    ({"things": "detection", "weather": "classification"}, [{"detection": "weather"}],
+     "data.sources[0].tasks: source 'coco' maps its 'detection' annotations to task 'weather', which is a "
+     "'classification' task"),
+    ({"things": "detection"}, [{"detection": "stuff"}],
+     "data.sources[0].tasks: source 'coco' maps 'detection' to task 'stuff', which model.tasks does not name"),
+    ({"things": "detection"}, [{"semantic": "things"}],
+     "data.sources[0].tasks: source 'coco' has no 'semantic' annotations"),
+    ({"a": "detection", "b": "detection", "masks": {"type": "instance_mask", "boxes_from": "a"}},
+     [{"detection": "b", "instance_mask": "masks"}],
+     "data.sources[0].tasks: source 'coco' feeds detection task 'b' but instance_mask task 'masks', which takes "
+     "its boxes from 'a'"),
+])
+def test_bad_task_mappings_name_the_source_and_task(tasks, mappings, message):
+    from data_pipelines.tasks import parse_tasks
+
+    manifest = _manifest("coco", ["detection", "instance_mask"], categories=_categories("dog"))
+    with pytest.raises(ValueError) as error:
+        build_label_space([manifest], parse_tasks(tasks), mappings)
+    assert message in str(error.value)

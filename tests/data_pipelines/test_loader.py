@@ -7,7 +7,7 @@ from torchvision import tv_tensors
 from data_pipelines.streaming.collate import collate
 from data_pipelines.streaming.loader import build_train_loader
 from data_pipelines.streaming.config import DataConfig, SourceConfig
-from data_pipelines.schema import IGNORE_INDEX, TASKS, Batch, task_mask_for
+from data_pipelines.schema import IGNORE_INDEX, TASK_TYPES, Batch, task_mask_for
 from data_pipelines.streaming.config import TransformConfig
 from tests.data_pipelines.shard_fixtures import KEYPOINT_SCHEMA, boxed_sample, sample_member, write_source
 
@@ -55,12 +55,12 @@ def check_batch(batch: Batch) -> None:
     assert isinstance(batch, Batch) and len(batch) == 3
     assert batch.images.shape == (3, 3, SIZE, SIZE) and batch.images.dtype == torch.float32
     assert 0.0 <= batch.images.min() and batch.images.max() <= 1.0
-    assert batch.task_mask.shape == (3, len(TASKS)) and batch.task_mask.dtype == torch.bool
+    assert batch.task_mask.shape == (3, len(TASK_TYPES)) and batch.task_mask.dtype == torch.bool
     for key, source, mask, target in zip(batch.keys, batch.sources, batch.task_mask, batch.targets):
         assert key.startswith(f"{source}/")
         assert all(type(t) is torch.Tensor for t in target.values())  # tv_tensors unwrapped
         if source == "det":
-            assert torch.equal(mask, task_mask_for(DET_TASKS))
+            assert torch.equal(mask, task_mask_for(DET_TASKS, TASK_TYPES))
             n = len(target["boxes"])
             assert target["boxes"].shape == (n, 4) and target["boxes"].dtype == torch.float32
             assert target["labels"].dtype == torch.int64 and target["iscrowd"].dtype == torch.bool
@@ -68,7 +68,7 @@ def check_batch(batch: Batch) -> None:
             assert target["keypoints"].shape == (n, 3, 2) and target["keypoint_visibility"].shape == (n, 3)
             assert "semantic" not in target
         else:
-            assert source == "seg" and torch.equal(mask, task_mask_for(SEG_TASKS))
+            assert source == "seg" and torch.equal(mask, task_mask_for(SEG_TASKS, TASK_TYPES))
             assert target["semantic"].shape == (SIZE, SIZE) and target["semantic"].dtype == torch.int64
             assert target["class_label"].shape == () and target["class_label"].dtype == torch.int64
             assert "masks" not in target
@@ -162,7 +162,7 @@ def test_a_source_without_samples_is_named(tmp_path):
 def test_labels_use_the_merged_label_space(sources):
     loader, space, manifests = build_train_loader(config(sources), rank=0, world_size=2)
     assert [m.name for m in manifests] == ["det", "seg"]
-    assert space.thing_classes == ["person"] and space.image_classes == ["even", "odd"]
+    assert space.classes["detection"] == ["person"] and space.classes["classification"] == ["even", "odd"]
     for batch in itertools.islice(loader, 4):
         for key, source, target in zip(batch.keys, batch.sources, batch.targets):
             if source == "det":
@@ -215,7 +215,7 @@ def test_config_validation_names_the_field(tmp_path, overrides, field):
 def _sized_sample(i: int, height: int, width: int) -> dict:
     g = torch.Generator().manual_seed(i)
     return {
-        "key": f"s/{i}", "source": "s", "task_mask": task_mask_for(["detection", "instance_mask", "semantic"]),
+        "key": f"s/{i}", "source": "s", "task_mask": task_mask_for(["detection", "instance_mask", "semantic"], TASK_TYPES),
         "image": tv_tensors.Image(torch.randint(1, 256, (3, height, width), dtype=torch.uint8, generator=g)),
         "boxes": tv_tensors.BoundingBoxes([[1.0, 1.0, 4.0, 5.0]], format="XYXY", canvas_size=(height, width)),
         "labels": torch.tensor([0]),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from data_pipelines.schema import IGNORE_INDEX, task_mask_for
+from data_pipelines.schema import IGNORE_INDEX, TASK_TYPES, task_mask_for
 from data_pipelines.streaming.transforms import (
     INSTANCE_KEYS,
     TrainTransforms,
@@ -32,7 +32,7 @@ def make_sample(height: int, width: int, boxes: list[list[int]], *, seed: int = 
         "key": f"test/{seed}",
         "source": "test",
         "image": tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)),
-        "task_mask": task_mask_for(["detection", "instance_mask", "keypoints", "semantic"]),
+        "task_mask": task_mask_for(["detection", "instance_mask", "keypoints", "semantic"], TASK_TYPES),
         "boxes": tv_tensors.BoundingBoxes(
             torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
         ),

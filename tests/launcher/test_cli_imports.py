@@ -45,7 +45,7 @@ def test_importing_the_cli_does_not_import_torch():
 _CONFIG_ERRORS = [
     (["balancer.name=pcgradd"], "balancer.name: unknown 'pcgradd'"),
     (["model.backbone=resnet19"], "backbone: unknown 'resnet19'"),
-    (["model.tasks=[detection,depth]"], "tasks: expected"),
+    (["model.tasks=[detection,depth]"], "tasks: 'depth' is not a task type"),
     (["data.shuffle=sorted"], "DataConfig.shuffle must be one of"),
     (["data.transforms.hue=0.9"], "TransformConfig.hue"),
     (["optim.lr=-1"], "optim.lr must be > 0"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.schema import IGNORE_INDEX, TASKS, Batch
+from data_pipelines.schema import IGNORE_INDEX, TASK_TYPES, Batch
 
 NUM_CLASSES = {"detection": 3, "instance_mask": 3, "keypoints": 4, "semantic": 5, "classification": 6}
 SIZE = 128
@@ -50,5 +50,5 @@ def make_batch(
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(len(targets), 3, height, width, generator=g)
     if task_mask is None:
-        task_mask = torch.ones(len(targets), len(TASKS), dtype=torch.bool)
+        task_mask = torch.ones(len(targets), len(TASK_TYPES), dtype=torch.bool)
     return Batch(images=images, targets=targets, task_mask=task_mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipelines.schema import TASK_INDEX, TASKS, Batch
+from data_pipelines.schema import TASK_TYPES, Batch
 from models import ModelConfig, MultiTaskModel, build_model
 from models.heads import head_names
 from tests.models.synthetic import NUM_CLASSES, make_batch, make_target
@@ -39,8 +39,8 @@ def backward(m: MultiTaskModel, batch: Batch) -> tuple[dict[str, torch.Tensor], 
 
 
 def only(task: str, rows: int = 2) -> torch.Tensor:
-    mask = torch.zeros(rows, len(TASKS), dtype=torch.bool)
-    mask[:, TASK_INDEX[task]] = True
+    mask = torch.zeros(rows, len(TASK_TYPES), dtype=torch.bool)
+    mask[:, TASK_TYPES.index(task)] = True
     return mask
 
 
@@ -48,7 +48,7 @@ def test_default_model_trains_every_task_and_every_parameter() -> None:
     torch.manual_seed(0)
     m = build_model(ModelConfig(), num_classes=NUM_CLASSES)
     losses, counts = backward(m, make_batch([make_target(0), make_target(1)]))
-    assert list(losses) == list(TASKS) and counts == {t: 2 for t in TASKS}
+    assert list(losses) == list(TASK_TYPES) and counts == {t: 2 for t in TASK_TYPES}
     assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values()), losses
     missing = [n for n, p in m.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -58,8 +58,8 @@ def test_default_model_trains_every_task_and_every_parameter() -> None:
 def test_absent_tasks_give_zero_loss_and_zero_gradients(task: str) -> None:
     m = model()
     losses, counts = backward(m, make_batch([make_target(0), make_target(1)], task_mask=only(task)))
-    assert counts == {t: 2 if t == task else 0 for t in TASKS}
-    for other in set(TASKS) - {task}:
+    assert counts == {t: 2 if t == task else 0 for t in TASK_TYPES}
+    for other in set(TASK_TYPES) - {task}:
         assert losses[other].item() == 0.0
         grads = [p.grad for p in m.heads[other].parameters()]
         assert all(g is not None and not g.any() for g in grads), other
@@ -90,8 +90,8 @@ def test_unlabelled_sample_does_not_change_any_task_loss() -> None:
     with torch.no_grad():
         pair_losses, pair_counts, *_ = m(pair)
         alone_losses = m(alone).losses
-    assert pair_counts == {t: 1 for t in TASKS}
-    for task in TASKS:
+    assert pair_counts == {t: 1 for t in TASK_TYPES}
+    for task in TASK_TYPES:
         torch.testing.assert_close(pair_losses[task], alone_losses[task], rtol=1e-4, atol=1e-5, msg=task)
 
 
@@ -100,15 +100,17 @@ def test_predict_on_unpadded_size() -> None:
     m = model(detection_score_thresh=0.0, detections_per_image=5).eval()
     outputs = m.predict(torch.rand(2, 3, 120, 100))
     assert len(outputs) == 2
-    for out in outputs:
-        n = len(out["boxes"])
-        assert n == 5 and out["scores"].shape == (n,) and out["labels"].shape == (n,)
-        assert (out["boxes"][:, 0::2] <= 100).all() and (out["boxes"][:, 1::2] <= 120).all()
-        assert out["masks"].shape == (n, 1, 120, 100)
-        assert out["keypoints"].shape == (n, NUM_CLASSES["keypoints"], 3)
-        assert out["semantic"].shape == (120, 100)
-        assert out["semantic_logits"].shape == (NUM_CLASSES["semantic"], 120, 100)
-        assert out["class_scores"].shape == (NUM_CLASSES["classification"],)
+    for out in outputs:  # per task name; the cascades per box of detection's
+        assert list(out) == list(TASK_TYPES)
+        det = out["detection"]
+        n = len(det["boxes"])
+        assert n == 5 and det["scores"].shape == (n,) and det["labels"].shape == (n,)
+        assert (det["boxes"][:, 0::2] <= 100).all() and (det["boxes"][:, 1::2] <= 120).all()
+        assert out["instance_mask"]["masks"].shape == (n, 1, 120, 100)
+        assert out["keypoints"]["keypoints"].shape == (n, NUM_CLASSES["keypoints"], 3)
+        assert out["semantic"]["semantic"].shape == (120, 100)
+        assert out["semantic"]["semantic_logits"].shape == (NUM_CLASSES["semantic"], 120, 100)
+        assert out["classification"]["class_scores"].shape == (NUM_CLASSES["classification"],)
 
 
 def test_predict_crops_each_padded_image_to_its_own_size() -> None:
@@ -116,10 +118,11 @@ def test_predict_crops_each_padded_image_to_its_own_size() -> None:
     m = model(detection_score_thresh=0.0, detections_per_image=5).eval()
     outputs = m.predict(torch.rand(2, 3, 120, 100), image_sizes=[(120, 100), (80, 60)])
     for out, (h, w) in zip(outputs, [(120, 100), (80, 60)]):
-        n = len(out["boxes"])
-        assert n == 5 and (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all()
-        assert out["masks"].shape == (n, 1, h, w)
-        assert out["semantic"].shape == (h, w) and out["semantic_logits"].shape[-2:] == (h, w)
+        boxes, semantic = out["detection"]["boxes"], out["semantic"]
+        n = len(boxes)
+        assert n == 5 and (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+        assert out["instance_mask"]["masks"].shape == (n, 1, h, w)
+        assert semantic["semantic"].shape == (h, w) and semantic["semantic_logits"].shape[-2:] == (h, w)
 
 
 def test_no_detection_comes_from_a_point_in_the_batch_padding() -> None:
@@ -134,6 +137,8 @@ def test_no_detection_comes_from_a_point_in_the_batch_padding() -> None:
     sizes = [(120, 100), (80, 60)]
     detections = m.predict(torch.rand(2, 3, 120, 100), tasks=["detection"], image_sizes=sizes)
     for out, (h, w) in zip(detections, sizes):
+        assert list(out) == ["detection"]
+        out = out["detection"]
         inside = sum(math.ceil(h / s) * math.ceil(w / s) for s in FPN_STRIDES.values())  # points at j * stride
         assert len(out["boxes"]) == inside * NUM_CLASSES["detection"], (h, w, len(out["boxes"]))  # one per class
 
@@ -158,7 +163,7 @@ def test_batch_padding_is_the_mean_colour_whatever_its_pixels() -> None:
 
 def test_missing_class_count_is_an_error() -> None:
     with pytest.raises(ValueError, match="semantic"):
-        build_model(ModelConfig(**SMALL), num_classes={t: 3 for t in TASKS if t != "semantic"})
+        build_model(ModelConfig(**SMALL, tasks=list(TASK_TYPES)), num_classes={t: 3 for t in TASK_TYPES if t != "semantic"})
 
 
 def test_overfits_one_batch() -> None:
@@ -174,7 +179,7 @@ def test_overfits_one_batch() -> None:
         sum(losses.values()).backward()
         optimizer.step()
     last = {t: v.item() for t, v in m(batch).losses.items()}
-    assert all(last[t] < 0.6 * first[t] for t in TASKS), (first, last)
+    assert all(last[t] < 0.6 * first[t] for t in TASK_TYPES), (first, last)
 
 
 def test_the_classification_tower_is_configurable_and_zero_is_the_pooled_linear_head() -> None:
@@ -189,3 +194,30 @@ def test_the_classification_tower_is_configurable_and_zero_is_the_pooled_linear_
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in full.heads["classification"].tower.parameters())
     with pytest.raises(ValueError, match="classification_head_convs"):
         ModelConfig(classification_head_convs=-1)
+
+
+def test_two_tasks_of_one_type_train_their_own_heads_on_their_own_samples() -> None:
+    """Named tasks: two classification heads (weather, daytime: other sources, other label
+    spaces) and two detection heads. A task's loss reads only the samples its column of the
+    task mask marks, and its gradient reaches its own head only."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, tasks={"coco": "detection", "driving": "detection", "weather": "classification",
+                                      "daytime": "classification"})
+    m = build_model(cfg, num_classes={"coco": 3, "driving": 2, "weather": 4, "daytime": 2})
+    assert list(m.heads) == ["coco", "driving", "weather", "daytime"]
+    assert m.heads["weather"].classifier[-1].out_features == 4 and m.heads["daytime"].classifier[-1].out_features == 2
+    targets = [make_target(i) for i in range(4)]
+    targets[1]["labels"] = targets[1]["labels"].clamp(max=1)  # driving's 2 classes
+    for t, label in zip(targets, [3, 0, 1, 1]):  # each sample's label in the space of its source's task
+        t["class_label"] = torch.tensor(label)
+    # coco+weather, driving+daytime, weather, daytime
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    out = m(make_batch(targets, task_mask=mask))
+    assert list(out.losses) == ["coco", "driving", "weather", "daytime"]
+    assert out.counts == {"coco": 1, "driving": 1, "weather": 2, "daytime": 2}
+    out.losses["weather"].backward()
+    grads = {name: sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None)
+             for name, head in m.heads.items()}
+    assert grads["weather"] > 0 and grads["daytime"] == grads["coco"] == grads["driving"] == 0
+    predicted = m.eval().predict(torch.rand(1, 3, 64, 64), tasks=["daytime", "driving"])[0]
+    assert list(predicted) == ["driving", "daytime"] and predicted["daytime"]["class_scores"].shape == (2,)

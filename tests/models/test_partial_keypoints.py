@@ -11,7 +11,6 @@ import torch
 from data_pipelines.conversion import convert_coco
 from data_pipelines.label_space import build_label_space
 from data_pipelines.manifest import load_manifest
-from data_pipelines.schema import TASK_INDEX
 from data_pipelines.streaming.decode import decode_sample
 from data_pipelines.streaming.eval_loader import source_samples
 from data_pipelines.streaming.loader import build_train_loader
@@ -53,8 +52,8 @@ def test_subset_keypoints_land_on_their_unified_indices(sources):
     full, subset = (load_manifest(s) for s in sources)
     # The subset first: the unified schema is still the larger one.
     space = build_label_space([subset, full])
-    assert space.keypoints.names == full.keypoints.names
-    unified = space.keypoints.names
+    assert space.keypoint_schemas["keypoints"].names == full.keypoints.names
+    unified = space.keypoint_schemas["keypoints"].names
     assert [unified[i] for i in space.keypoint_remap["figures_upper"]] == SUBSET
     assert space.coverage_table([subset, full])["figures_upper"] == {"detection": "1/1", "keypoints": "4/7"}
     missing = [unified.index(n) for n in unified if n not in SUBSET]
@@ -82,7 +81,7 @@ def test_sources_train_together_and_missing_keypoints_carry_no_loss(sources):
         num_classes=space.num_classes(),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    missing = [i for i, n in enumerate(space.keypoints.names) if n not in SUBSET]
+    missing = [i for i, n in enumerate(space.keypoint_schemas["keypoints"].names) if n not in SUBSET]
     heatmaps: list[torch.Tensor] = []
 
     def keep_grad(_module, _inputs, output: torch.Tensor) -> None:
@@ -100,9 +99,9 @@ def test_sources_train_together_and_missing_keypoints_carry_no_loss(sources):
         # The keypoint loss alone on the subset source's samples: its missing keypoints' heatmaps
         # get exactly zero gradient, the ones it has a non-zero one.
         only_subset = batch.task_mask.clone()
-        only_subset[[s != "figures_upper" for s in batch.sources], TASK_INDEX["keypoints"]] = False
+        only_subset[[s != "figures_upper" for s in batch.sources], space.task_names.index("keypoints")] = False
         subset_loss, count = model.heads["keypoints"].loss(
-            out.features, model.padded_size(batch.images), batch.targets, only_subset[:, TASK_INDEX["keypoints"]])
+            out.features, model.padded_size(batch.images), batch.targets, only_subset[:, space.task_names.index("keypoints")])
         if count:
             heatmaps.clear()
             subset_loss.backward(retain_graph=True)

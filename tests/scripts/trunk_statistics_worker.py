@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from models.backbone import build_backbone
 from models.config import ModelConfig
-from data_pipelines.schema import TASK_INDEX, TASKS as ALL_TASKS, Batch
+from data_pipelines.schema import Batch
 from models.multitask import GradientTaps, MultiTaskOutput
 from models.trunk_cut import segment_parameters
 from trainer.balancing import SKETCH_SEED, LossBalancing
@@ -62,9 +62,7 @@ def local_output() -> tuple[MultiTaskOutput, Batch, torch.Tensor]:
     losses, mask = per_sample_losses(leaves), LABELLED[mine]
     counts = mask.sum(dim=0)
     means = {t: (losses[:, i] * mask[:, i]).sum() / counts[i].clamp(min=1) for i, t in enumerate(TASKS)}
-    task_mask = torch.zeros(len(mine), len(ALL_TASKS), dtype=torch.bool)
-    for i, t in enumerate(TASKS):
-        task_mask[:, TASK_INDEX[t]] = mask[:, i]
+    task_mask = mask.bool()  # a column per task of the job (TASKS)
     batch = Batch(images=images[mine], targets=[{} for _ in mine], task_mask=task_mask,
                   sources=[SOURCES[b] for b in mine])
     return (MultiTaskOutput(losses=means, counts={t: int(c) for t, c in zip(TASKS, counts)}, features=z,

@@ -5,7 +5,7 @@ backward of ``LossBalancing``'s loss gives EVERY parameter (heads and trunk) the
 import pytest
 import torch
 
-from data_pipelines.schema import TASK_INDEX, TASKS
+from data_pipelines.schema import TASK_TYPES
 from models import ModelConfig, build_model
 from tests.models.synthetic import NUM_CLASSES, make_batch, make_target
 from trainer.balancing import LossBalancing
@@ -22,10 +22,10 @@ def test_one_backward_gives_every_parameter_the_weighted_task_gradients(statisti
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SMALL), num_classes=NUM_CLASSES)
     tasks = list(model.heads)
-    task_mask = torch.ones(3, len(TASKS), dtype=torch.bool)
-    task_mask[0, TASK_INDEX["semantic"]] = False  # partial labels: each task on its own rows
-    task_mask[1, TASK_INDEX["keypoints"]] = False
-    task_mask[2, TASK_INDEX["classification"]] = False
+    task_mask = torch.ones(3, len(TASK_TYPES), dtype=torch.bool)
+    task_mask[0, TASK_TYPES.index("semantic")] = False  # partial labels: each task on its own rows
+    task_mask[1, TASK_TYPES.index("keypoints")] = False
+    task_mask[2, TASK_TYPES.index("classification")] = False
     batch = make_batch([make_target(s) for s in range(3)], task_mask=task_mask, seed=4)
     batch.sources = ["a", "a", "b"]
     counts = local_task_counts(batch, tasks)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from data_pipelines.schema import TASKS
+from data_pipelines.schema import TASK_TYPES
 from data_pipelines.demo.synthetic import DEMO_TASKS
 from tests.conftest import REPO, demo_source_overrides
 from trainer.wandb_records import find_run_file, read_history
@@ -48,7 +48,7 @@ def test_metrics_jsonl_has_every_task(demo_run):
     run_dir, _ = demo_run
     rows, _ = _rows(run_dir)
     assert [r["step"] for r in rows] == [2, 4, 6]
-    for task in TASKS:
+    for task in TASK_TYPES:
         assert all(f"weight/{task}" in r for r in rows)
         losses = [r[f"loss/{task}"] for r in rows if f"loss/{task}" in r]
         assert losses and all(v > 0 and v == v for v in losses), task
@@ -60,7 +60,7 @@ def test_total_loss_and_per_source_throughput_add_up(demo_run):
     rows, _ = _rows(run_dir)
     for r in rows:
         # static weights: the total is the weighted sum of the logged per-task means
-        expected = sum(r[f"weight/{t}"] * r.get(f"loss/{t}", 0.0) for t in TASKS)
+        expected = sum(r[f"weight/{t}"] * r.get(f"loss/{t}", 0.0) for t in TASK_TYPES)
         assert r["loss/total"] == pytest.approx(expected, rel=1e-5)
         per_source = [r[f"throughput/{s}/images_per_s"] for s in DEMO_TASKS]
         assert all(v >= 0 for v in per_source) and r["throughput/images_per_s"] > 0

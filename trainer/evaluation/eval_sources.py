@@ -1,5 +1,5 @@
-"""Validation sources: their manifests, restricted to the model's tasks and mapped into the
-training label space by class name.
+"""Validation sources: their manifests, bound to the model's tasks as training sources are
+and mapped into the tasks' training label spaces by class name.
 
 The model's outputs index the label space built from the training sources. A validation
 source is another directory (possibly another source name) with the same classes; its ids
@@ -7,22 +7,21 @@ are mapped into that space by name, as ``build_label_space`` merges sources.
 """
 from __future__ import annotations
 
-import dataclasses
-
-from data_pipelines.label_space import LabelSpace, keypoint_remap
+from data_pipelines.label_space import THING_TYPES, LabelSpace, keypoint_remap, restrict_to_tasks
 from data_pipelines.manifest import Manifest, load_manifest
+from data_pipelines.streaming.config import SourceConfig
+from data_pipelines.tasks import source_task_names
 from trainer.evaluation.config import EvalConfig
 
 
-def load_eval_manifests(cfg: EvalConfig, *, model_tasks: list[str]) -> list[Manifest]:
-    """The validation manifests in config order, each with only the tasks the model predicts."""
+def load_eval_manifests(cfg: EvalConfig) -> list[Manifest]:
+    """The validation manifests in config order."""
     manifests = []
     for i, source in enumerate(cfg.sources):
         try:
-            manifest = load_manifest(source.path)
+            manifests.append(load_manifest(source.path))
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"eval.sources[{i}].path: {e}") from e
-        manifests.append(_restrict_tasks(manifest, model_tasks))
     names = [m.name for m in manifests]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -31,45 +30,44 @@ def load_eval_manifests(cfg: EvalConfig, *, model_tasks: list[str]) -> list[Mani
     return manifests
 
 
-def _restrict_tasks(manifest: Manifest, model_tasks: list[str]) -> Manifest:
-    """The manifest with only the tasks the model predicts: the rest cannot be evaluated."""
-    return dataclasses.replace(manifest, tasks=[t for t in manifest.tasks if t in model_tasks])
-
-
-def map_eval_sources(train: LabelSpace, manifests: list[Manifest]) -> LabelSpace:
-    """``train``'s classes, with each of ``manifests`` mapped into them by name.
+def map_eval_sources(train: LabelSpace, manifests: list[Manifest],
+                     sources: list[SourceConfig]) -> tuple[LabelSpace, list[Manifest]]:
+    """``train``'s tasks and classes, with each of ``manifests`` bound to the tasks as a
+    training source is (``sources[i].tasks``, else derived) and mapped into their classes by
+    name; and the manifests with only the annotation types a task predicts (the rest
+    cannot be evaluated).
 
     Raises ValueError naming the source and the classes the model never learned.
     """
-    space = LabelSpace(
-        thing_classes=train.thing_classes,
-        semantic_classes=train.semantic_classes,
-        image_classes=train.image_classes,
-        keypoints=train.keypoints,
-    )
-    for m in manifests:
-        tasks = set(m.tasks)
-        if tasks & {"detection", "instance_mask"}:
-            indices = _indices(m, [c["name"] for c in m.categories], train.thing_classes, "categories")
+    space = LabelSpace(tasks=train.tasks, classes=train.classes, keypoint_schemas=train.keypoint_schemas)
+    for i, (m, source) in enumerate(zip(manifests, sources)):
+        fed = source_task_names(m.name, list(m.tasks), train.tasks, source.tasks, where=f"eval.sources[{i}]")
+        space.source_tasks[m.name] = fed
+        thing_task = fed.get("detection") or next(
+            (train.task(fed[t]).boxes_from for t in THING_TYPES if t in fed), None)
+        if thing_task is not None:
+            indices = _indices(m, [c["name"] for c in m.categories], train.classes[thing_task], "categories", thing_task)
             space.category_to_index[m.name] = dict(zip((c["id"] for c in m.categories), indices))
-        if "semantic" in tasks:
-            space.semantic_remap[m.name] = _indices(m, m.semantic_classes, train.semantic_classes, "semantic_classes")
-        if "classification" in tasks:
-            space.class_remap[m.name] = _indices(m, m.classes, train.image_classes, "classes")
-        if "keypoints" in tasks:
+        if "semantic" in fed:
+            space.semantic_remap[m.name] = _indices(m, m.semantic_classes, train.classes[fed["semantic"]],
+                                                    "semantic_classes", fed["semantic"])
+        if "classification" in fed:
+            space.class_remap[m.name] = _indices(m, m.classes, train.classes[fed["classification"]], "classes",
+                                                 fed["classification"])
+        if "keypoints" in fed:
             assert m.keypoints is not None  # Manifest.validate guarantees it
-            if train.keypoints is None:
-                raise ValueError(f"validation source {m.name!r}: labels keypoints, which no training source does")
-            # Scored on its own keypoints, picked by name from the model's unified ones.
-            space.keypoint_remap[m.name] = keypoint_remap(m.keypoints, train.keypoints,
-                                                       source=f"validation source {m.name!r}")
-    return space
+            task = fed["keypoints"]
+            # Scored on its own keypoints, picked by name from the task's unified ones.
+            space.keypoint_remap[m.name] = keypoint_remap(m.keypoints, train.keypoint_schemas[task],
+                                                          source=f"validation source {m.name!r}", task=task)
+    return space, restrict_to_tasks(manifests, space)
 
 
-def _indices(manifest: Manifest, names: list[str], known: list[str], what: str) -> list[int]:
+def _indices(manifest: Manifest, names: list[str], known: list[str], what: str, task: str) -> list[int]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(
-            f"validation source {manifest.name!r}: {what} {unknown} are not in the training label space {known}"
+            f"validation source {manifest.name!r}, task {task!r}: {what} {unknown} are not in the task's training "
+            f"label space {known}"
         )
     return [known.index(n) for n in names]

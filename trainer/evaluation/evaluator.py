@@ -39,7 +39,7 @@ from trainer.evaluation.dense_metrics import (
 )
 from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
 from data_pipelines.streaming.eval_loader import build_eval_loader, expected_images
-from trainer.evaluation.source_spec import SourceSpec, source_spec
+from trainer.evaluation.source_spec import SourceSpec, outputs_of, source_spec
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def evaluate(
         "eval/images_per_s"}``, the same dict on every rank.
     """
     started = time.perf_counter()
-    manifests = load_eval_manifests(cfg, model_tasks=list(model.heads))
-    space = map_eval_sources(label_space, manifests)
+    space, manifests = map_eval_sources(label_space, load_eval_manifests(cfg), cfg.sources)
     specs = {m.name: source_spec(m, space) for m in manifests}
     loader = build_eval_loader(
         manifests, label_space=space, transforms=transforms, rank=rank, world_size=world_size,
@@ -102,7 +101,8 @@ def evaluate(
                 outputs = model.predict(batch.images.to(device, non_blocking=True), tasks=sorted(tasks),
                                         image_sizes=image_sizes)
                 for output, record, input_size in zip(outputs, records, image_sizes):
-                    local[record.source].add(output, record, spec=specs[record.source], input_size=input_size)
+                    spec = specs[record.source]
+                    local[record.source].add(outputs_of(output, spec), record, spec=spec, input_size=input_size)
     finally:
         model.train(was_training)
 

@@ -5,9 +5,11 @@ import json
 import os
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import TASKS
+from data_pipelines.schema import TASK_TYPES
 
 # COCOeval iouType of each instance-level task.
 IOU_TYPES: dict[str, str] = {"detection": "bbox", "instance_mask": "segm", "keypoints": "keypoints"}
@@ -30,12 +32,15 @@ class SourceSpec:
     image_classes: list[int] | None
     image_class_names: dict[int, str] | None = None  # label-space index -> class name (classification)
     num_semantic_classes: int  # label-space size, the confusion matrix side
-    tasks: tuple[str, ...] = ()  # the model heads this source is scored on
+    # The tasks (model heads) whose outputs this source is scored on, with the detection
+    # tasks its cascade tasks take boxes from: one task per type (see outputs_of).
+    tasks: tuple[str, ...] = ()
 
 
 def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
-    """The spec of a validation source whose tasks are already restricted to the model's."""
-    tasks = set(manifest.tasks)
+    """The spec of a validation source bound to the model's tasks (``map_eval_sources``)."""
+    fed = label_space.source_tasks[manifest.name]
+    tasks = set(fed)
     iou_types = tuple(iou for task, iou in IOU_TYPES.items() if task in tasks)
     if iou_types and not manifest.annotation_file:
         raise ValueError(
@@ -67,12 +72,28 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
         semantic_classes=label_space.semantic_remap[manifest.name] if "semantic" in tasks else None,
         image_classes=label_space.class_remap[manifest.name] if "classification" in tasks else None,
         image_class_names=(
-            {i: label_space.image_classes[i] for i in label_space.class_remap[manifest.name]}
+            {i: label_space.classes[fed["classification"]][i] for i in label_space.class_remap[manifest.name]}
             if "classification" in tasks else None
         ),
-        num_semantic_classes=len(label_space.semantic_classes),
-        tasks=tuple(t for t in TASKS if t in tasks),
+        num_semantic_classes=len(label_space.classes[fed["semantic"]]) if "semantic" in tasks else 0,
+        tasks=_scored_tasks(fed, label_space),
     )
+
+
+def _scored_tasks(fed: dict[str, str], label_space: LabelSpace) -> tuple[str, ...]:
+    names = [fed[t] for t in TASK_TYPES if t in fed]
+    boxes = [label_space.task(n).boxes_from for n in names if label_space.task(n).boxes_from is not None]
+    return tuple(dict.fromkeys([*boxes, *names]))
+
+
+def outputs_of(output: dict[str, dict[str, Tensor]], spec: SourceSpec) -> dict[str, Tensor]:
+    """One image's ``MultiTaskModel.predict`` outputs (per task name) as the flat dict a
+    source is scored on: its tasks have one type each, so their keys (boxes, masks,
+    semantic_logits, class_logits, ...) do not collide."""
+    flat: dict[str, Tensor] = {}
+    for task in spec.tasks:
+        flat.update(output[task])
+    return flat
 
 
 def _keypoint_category_ids(annotation_file: str) -> tuple[int, ...]:

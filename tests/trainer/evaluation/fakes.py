@@ -12,11 +12,16 @@ from torch import Tensor, nn
 from data_pipelines.streaming.collate import collate
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import IGNORE_INDEX, TASKS
+from data_pipelines.schema import IGNORE_INDEX
 from data_pipelines.streaming.transforms import build_eval_transforms
-from data_pipelines.streaming.config import TransformConfig
+from data_pipelines.streaming.config import SourceConfig, TransformConfig
 from trainer.evaluation.eval_sources import map_eval_sources
 from data_pipelines.streaming.eval_loader import EvalStream
+
+
+# The task type each output key belongs to (boxes, scores and labels: detection's).
+OUTPUT_TYPES = {"boxes": "detection", "scores": "detection", "labels": "detection", "masks": "instance_mask",
+                "keypoints": "keypoints", "semantic_logits": "semantic", "class_logits": "classification"}
 
 
 def image_digest(image: Tensor) -> str:
@@ -35,11 +40,11 @@ class GroundTruthModel(nn.Module):
         self, manifests: list[Manifest], *, label_space: LabelSpace, transforms: TransformConfig, noise: float = 0.0
     ) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict({t: nn.Identity() for t in TASKS})  # the tasks evaluation reads
-        self.num_classes = label_space.num_classes()
+        self.heads = nn.ModuleDict({t: nn.Identity() for t in label_space.task_names})  # the tasks evaluation reads
         self.noise = noise
+        self.space, manifests = map_eval_sources(label_space, manifests, [SourceConfig(path=m.root) for m in manifests])
         stream = EvalStream(
-            manifests, label_space=map_eval_sources(label_space, manifests),
+            manifests, label_space=self.space,
             transform=build_eval_transforms(transforms), rank=0, world_size=1, max_images=None,
         )
         self.table = {}
@@ -49,7 +54,7 @@ class GroundTruthModel(nn.Module):
 
     def predict(
         self, images: Tensor, *, tasks: Sequence[str] | None = None, image_sizes: Sequence[Sequence[int]] | None = None
-    ) -> list[dict[str, Tensor]]:
+    ) -> list[dict[str, dict[str, Tensor]]]:
         # Ground truth carries every labelled task; evaluation reads only the requested ones.
         if image_sizes is None:
             image_sizes = [images.shape[-2:]] * len(images)
@@ -57,7 +62,22 @@ class GroundTruthModel(nn.Module):
         self.served += [s["key"] for s in samples]
         # Dense outputs in the padded batch's frame, as a model that does not crop gives
         # them: evaluation must crop each to its own image.
-        return [_padded(self._outputs(s), images.shape[-2:]) for s in samples]
+        return [self._per_task(_padded(self._outputs(s), images.shape[-2:]), s["source"]) for s in samples]
+
+    def _per_task(self, out: dict[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
+        """The flat outputs as ``MultiTaskModel.predict`` gives them: per task name, each
+        key with the task of its type that the source feeds."""
+        fed = self.space.source_tasks[source]
+        nested: dict[str, dict[str, Tensor]] = {}
+        for key, value in out.items():
+            task = fed.get(OUTPUT_TYPES[key]) or fed.get("detection") or next(
+                (self.space.task(fed[t]).boxes_from for t in ("instance_mask", "keypoints") if t in fed), None)
+            if task is not None:  # boxes of a source without instances: no task reads them
+                nested.setdefault(task, {})[key] = value
+        return nested
+
+    def _classes(self, source: str, task_type: str) -> int:
+        return len(self.space.classes[self.space.source_tasks[source][task_type]])
 
     def _outputs(self, sample: dict) -> dict[str, Tensor]:
         height, width = sample["image"].shape[-2:]
@@ -74,14 +94,16 @@ class GroundTruthModel(nn.Module):
         if "semantic" in sample:
             semantic = sample["semantic"].as_subclass(Tensor)
             semantic = torch.where(semantic == IGNORE_INDEX, 0, semantic)
-            out["semantic_logits"] = F.one_hot(semantic, self.num_classes["semantic"]).permute(2, 0, 1).float()
+            out["semantic_logits"] = F.one_hot(semantic, self._classes(sample["source"], "semantic")).permute(2, 0, 1).float()
         if "class_label" in sample:
-            out["class_logits"] = F.one_hot(sample["class_label"], self.num_classes["classification"]).float()
+            out["class_logits"] = F.one_hot(sample["class_label"], self._classes(sample["source"], "classification")).float()
         if self.noise:
-            out = self._perturb(out, seed=int(sample["image"].sum()), height=height, width=width)
+            things = self._classes(sample["source"], "detection") if "detection" in self.space.source_tasks[
+                sample["source"]] else 1
+            out = self._perturb(out, seed=int(sample["image"].sum()), height=height, width=width, things=things)
         return out
 
-    def _perturb(self, out: dict[str, Tensor], *, seed: int, height: int, width: int) -> dict[str, Tensor]:
+    def _perturb(self, out: dict[str, Tensor], *, seed: int, height: int, width: int, things: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(seed)
         n = len(out["boxes"])
         kept = torch.rand(n, generator=g) > 0.2  # miss some objects
@@ -101,7 +123,7 @@ class GroundTruthModel(nn.Module):
         spurious = {
             "boxes": torch.cat([x0y0, x0y0 + 20], dim=1),
             "scores": torch.rand(m, generator=g) * 0.5,
-            "labels": torch.randint(0, max(self.num_classes["detection"], 1), (m,), generator=g),
+            "labels": torch.randint(0, things, (m,), generator=g),
         }
         if "masks" in out:
             spurious["masks"] = torch.rand(m, 1, height, width, generator=g)

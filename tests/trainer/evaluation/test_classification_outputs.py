@@ -19,7 +19,7 @@ class OneClassModel(GroundTruthModel):
     def _outputs(self, sample: dict) -> dict[str, torch.Tensor]:
         out = super()._outputs(sample)
         if "class_logits" in out:
-            out["class_logits"] = F.one_hot(torch.tensor(0), self.num_classes["classification"]).float()
+            out["class_logits"] = F.one_hot(torch.tensor(0), self._classes(sample["source"], "classification")).float()
         return out
 
 
@@ -29,7 +29,7 @@ def test_classification_writes_predictions_and_confusion(tiny, tmp_path):
         model, tiny.eval_config(), transforms=tiny.transforms, label_space=tiny.label_space,
         rank=0, world_size=1, device=torch.device("cpu"), out_dir=tmp_path, step=3,
     )
-    names = tiny.label_space.image_classes
+    names = tiny.label_space.classes["classification"]
     summary = json.loads((tmp_path / "summary.json").read_text())["sources"][SOURCE]
     lines = [json.loads(x) for x in (tmp_path / summary["classification_predictions"]).read_text().splitlines()]
 

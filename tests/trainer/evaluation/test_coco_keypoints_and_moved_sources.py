@@ -30,7 +30,7 @@ def _evaluate(source_dir, out_dir) -> dict[str, float]:
     model = GroundTruthModel(manifests, label_space=label_space, transforms=TRANSFORMS, noise=0.5)
     cfg = EvalConfig(sources=[SourceConfig(path=str(source_dir))], batch_size=2, num_workers=0)
     # The ranks' start-up check (and the launcher's) finds the ground truth too.
-    eval_source_specs(cfg, model_tasks=list(model.heads), label_space=label_space)
+    eval_source_specs(cfg, label_space=label_space)
     return evaluate(model, cfg, transforms=TRANSFORMS, label_space=label_space, rank=0, world_size=1,
                     device=torch.device("cpu"), out_dir=out_dir)
 
@@ -83,7 +83,7 @@ def test_start_up_names_a_missing_or_old_style_ground_truth(tmp_path):
     cfg = EvalConfig(sources=[SourceConfig(path=str(source_dir))])
 
     def specs():
-        return eval_source_specs(cfg, model_tasks=["detection", "keypoints"], label_space=label_space)
+        return eval_source_specs(cfg, label_space=label_space)
 
     manifest_path = source_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

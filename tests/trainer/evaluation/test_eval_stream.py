@@ -10,11 +10,11 @@ from data_pipelines.streaming.eval_loader import build_eval_loader
 
 
 def _shares(tiny, *, world_size, num_workers, max_images=None):
-    space = map_eval_sources(tiny.label_space, tiny.manifests)
+    space, manifests = map_eval_sources(tiny.label_space, tiny.manifests, [SourceConfig(path=m.root) for m in tiny.manifests])
     shares = []
     for rank in range(world_size):
         loader = build_eval_loader(
-            tiny.manifests, label_space=space, transforms=tiny.transforms, rank=rank, world_size=world_size,
+            manifests, label_space=space, transforms=tiny.transforms, rank=rank, world_size=world_size,
             batch_size=2, num_workers=num_workers, max_images=max_images,
         )
         shares.append([(r.source, r.image_id) for _, records in loader for r in records])

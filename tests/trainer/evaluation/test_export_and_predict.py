@@ -63,10 +63,13 @@ def test_export_holds_the_trained_weights_and_what_rebuilds_the_model(trained, e
     assert spec["checkpoint"]["step"] == STEPS and spec["checkpoint"]["backend"] == "ddp"
     assert spec["model"]["detections_per_image"] == 7 and spec["model"]["fpn_channels"] == 64
     space = tiny.label_space
-    assert spec["label_space"] == {"thing_classes": space.thing_classes, "semantic_classes": space.semantic_classes,
-                                   "image_classes": space.image_classes}
-    assert spec["keypoints"]["names"] == space.keypoints.names
-    assert spec["keypoints"]["sigmas"] == space.keypoints.sigmas and len(space.keypoints.sigmas) == len(space.keypoints.names)
+    assert spec["label_space"] == space.outputs() and list(spec["label_space"]) == space.task_names
+    assert spec["label_space"]["detection"] == space.classes["detection"] == spec["label_space"]["instance_mask"]
+    assert [(t["name"], t["type"], t["boxes_from"]) for t in spec["tasks"]] == [
+        (t.name, t.type, t.boxes_from) for t in space.tasks]
+    schema = space.keypoint_schemas["keypoints"]
+    assert list(spec["keypoints"]) == ["keypoints"] and spec["keypoints"]["keypoints"]["names"] == schema.names
+    assert spec["keypoints"]["keypoints"]["sigmas"] == schema.sigmas and len(schema.sigmas) == len(schema.names)
     assert spec["num_classes"] == space.num_classes()
     assert spec["input"] == {"resize": "square", "image_size": 64, "max_size": None,  # how to resize for the model
                              "value_range": [0.0, 1.0], "channels": "RGB"}
@@ -85,10 +88,12 @@ def test_exported_model_predicts_what_the_checkpoint_predicts(trained, exported)
         ours, theirs = rebuilt.predict(images), reference.predict(images)
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs):
-        assert sorted(a) == sorted(b)
-        assert len(a["boxes"]) == 7  # every candidate kept, at most detections_per_image
-        for key in a:
-            assert torch.equal(a[key], b[key]), key
+        assert list(a) == list(b) == [t["name"] for t in spec["tasks"]]  # per task name
+        assert len(a["detection"]["boxes"]) == 7  # every candidate kept, at most detections_per_image
+        for task in a:
+            assert sorted(a[task]) == sorted(b[task])
+            for key in a[task]:
+                assert torch.equal(a[task][key], b[task][key]), (task, key)
 
 
 def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, tiny):
@@ -119,13 +124,18 @@ def test_predict_draws_every_image_and_writes_what_evaluation_scored(trained, ti
         if "tiny_instances" not in line["file"]:
             continue
         image_id = image_ids[name]
+        detections = line["detection"]["detections"]
+        # The cascades: one per detection, in its order.
+        masks, keypoints = line["instance_mask"], line["keypoints"]
+        assert masks["boxes_from"] == keypoints["boxes_from"] == "detection"
+        assert len(masks["segmentations"]) == len(keypoints["keypoints"]) == len(detections)
         # Evaluation scores only the classes the source annotates.
-        ours = [d for d in line["detections"] if d["category"] in category_ids]
-        assert sorted((category_ids[d["category"]], d["bbox"], d["score"]) for d in ours) == sorted(
+        ours = [(d, rle) for d, rle in zip(detections, masks["segmentations"]) if d["category"] in category_ids]
+        assert sorted((category_ids[d["category"]], d["bbox"], d["score"]) for d, _ in ours) == sorted(
             (r["category_id"], r["bbox"], r["score"]) for r in bbox if r["image_id"] == image_id)
-        assert sorted((d["score"], d["segmentation"]["counts"]) for d in ours) == sorted(
+        assert sorted((d["score"], rle["counts"]) for d, rle in ours) == sorted(
             (r["score"], r["segmentation"]["counts"]) for r in segm if r["image_id"] == image_id)
-        assert all(len(d["keypoints"]) == 3 * len(tiny.label_space.keypoints.names) for d in line["detections"])
+        assert all(len(k) == 3 * len(tiny.label_space.keypoint_schemas["keypoints"].names) for k in keypoints["keypoints"])
         compared += len(ours)
     assert compared > 0
 
@@ -147,13 +157,13 @@ def test_a_checkpoint_whose_classes_differ_from_the_config_is_refused_with_the_d
                      *overrides, f"data.sources={sources_list(tiny.paths[s] for s in swapped)}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not fit this config's model and data sources" in proc.stderr
-    assert "thing_classes: the same names in another order (index 0: checkpoint 'box', config 'person')" in proc.stderr
+    assert "detection: the same names in another order (index 0: checkpoint 'box', config 'person')" in proc.stderr
     fewer = [s for s in SOURCES if s != "tiny_classes"]
     proc = run_polytask("export", "configs/demo_cpu.yaml", "--checkpoint", checkpoint, "--out", str(run_dir / "x2"),
                      *overrides, f"data.sources={sources_list(tiny.paths[s] for s in fewer)}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
-    assert f"image_classes: only in the checkpoint {meta['outputs']['image_classes']}" in proc.stderr
+    assert f"classification: only in the checkpoint {meta['outputs']['classification']}" in proc.stderr
     assert not (run_dir / "x1").exists() and not (run_dir / "x2").exists()
 
 

@@ -10,6 +10,7 @@ from tests.trainer.evaluation.fakes import GroundTruthModel
 from data_pipelines.streaming.config import TransformConfig
 from data_pipelines.streaming.eval_loader import ImageRecord, build_eval_loader
 from tests.trainer.evaluation.tiny_sources import IMAGE_SIZE, NUM_IMAGES, SOURCES
+from data_pipelines.streaming.config import SourceConfig
 from trainer.evaluation.eval_sources import map_eval_sources
 from trainer.evaluation.evaluator import evaluate
 from trainer.evaluation.predictions import coco_results
@@ -35,8 +36,9 @@ def perfect(request, tiny, tmp_path_factory):
 
 
 def test_short_side_eval_batches_are_padded_and_keep_the_aspect_ratio(tiny):
+    space, manifests = map_eval_sources(tiny.label_space, tiny.manifests, [SourceConfig(path=m.root) for m in tiny.manifests])
     loader = build_eval_loader(
-        tiny.manifests, label_space=map_eval_sources(tiny.label_space, tiny.manifests), transforms=SHORT_SIDE,
+        manifests, label_space=space, transforms=SHORT_SIDE,
         rank=0, world_size=1, batch_size=2, num_workers=0, max_images=None,
     )
     mixed = 0
@@ -90,7 +92,7 @@ def test_a_padded_image_maps_back_with_its_own_size(tiny):
     # A 48x64 image resized to 96x128 in a batch padded to 128x128: boxes scale by its own
     # factor 2 (not 64/128 and 48/128), masks lose the padding before going back to 48x64.
     manifest = next(m for m in tiny.manifests if m.name == "tiny_instances")
-    spec = source_spec(manifest, map_eval_sources(tiny.label_space, [manifest]))
+    spec = source_spec(manifest, map_eval_sources(tiny.label_space, [manifest], [SourceConfig(path=manifest.root)])[0])
     record = ImageRecord(source=manifest.name, image_id=1, height=48, width=64)
     mask = torch.zeros(1, 1, 128, 128)
     mask[..., 20:60, 10:50] = 1.0

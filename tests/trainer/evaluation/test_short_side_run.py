@@ -67,8 +67,9 @@ def test_short_side_predict_maps_back_to_each_image(run, tiny):
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert {(line["height"], line["width"]) for line in lines} == {(48, 64), (64, 48)}
     for line in lines:
-        assert len(line["detections"]) == 5
-        for d in line["detections"]:
+        detections = line["detection"]["detections"]
+        assert len(detections) == 5 == len(line["instance_mask"]["segmentations"])
+        for d, rle in zip(detections, line["instance_mask"]["segmentations"]):
             x, y, w, h = d["bbox"]
             assert x >= 0 and y >= 0 and x + w <= line["width"] + 1e-3 and y + h <= line["height"] + 1e-3
-            assert d["segmentation"]["size"] == [line["height"], line["width"]]
+            assert rle["size"] == [line["height"], line["width"]]
