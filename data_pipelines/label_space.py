@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from data_pipelines.manifest import KeypointSchema, Manifest
-from data_pipelines.schema import COVERAGE_KEYS, task_mask_for
+from data_pipelines.schema import COVERAGE_KEYS, class_coverage_key, task_mask_for
 from data_pipelines.tasks import TaskSpec, derived_tasks, source_task_names
 
 # Task types whose classes are a detection task's thing classes (instance masks share those
@@ -41,15 +41,17 @@ class LabelSpace:
     classes: dict[str, list[str]] = field(default_factory=dict)
     # keypoint task name -> its unified schema
     keypoint_schemas: dict[str, KeypointSchema] = field(default_factory=dict)
-    # source name -> annotation type -> the task it trains (data_pipelines/tasks.py)
+    # source name -> annotation (a type, or an image-label field) -> the task it trains
+    # (data_pipelines/tasks.py)
     source_tasks: dict[str, dict[str, str]] = field(default_factory=dict)
-    # Each source feeds one task per type, so its mappings below index that task's space.
+    # Each source feeds one task per type but classification (one per image-label field),
+    # so its mappings below index that task's space.
     # source name -> {COCO category id -> index in its detection task's classes}
     category_to_index: dict[str, dict[int, int]] = field(default_factory=dict)
     # source name -> lookup list: raw semantic pixel value -> class index
     semantic_remap: dict[str, list[int]] = field(default_factory=dict)
-    # source name -> lookup list: raw class_id -> class index
-    class_remap: dict[str, list[int]] = field(default_factory=dict)
+    # source name -> image-label field -> lookup list: raw class id -> class index
+    class_remap: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # source name -> the unified index of each of the source's keypoints (its own order)
     keypoint_remap: dict[str, list[int]] = field(default_factory=dict)
     # source name -> per-sample coverage targets (see sample_coverage); built on first use
@@ -66,8 +68,14 @@ class LabelSpace:
         return next(t for t in self.tasks if t.name == name)
 
     def task_of(self, source: str, task_type: str) -> str | None:
-        """The task ``source``'s annotations of ``task_type`` train, if any."""
+        """The task ``source``'s annotations of ``task_type`` train, if any (not for
+        classification, which has one per image-label field: :meth:`label_tasks`)."""
+        assert task_type != "classification", "classification: label_tasks()"
         return self.source_tasks.get(source, {}).get(task_type)
+
+    def label_tasks(self, source: str) -> dict[str, str]:
+        """Image-label field -> the classification task it trains, for ``source``."""
+        return {a: t for a, t in self.source_tasks.get(source, {}).items() if self.task(t).type == "classification"}
 
     def keypoint_schema_of(self, source: str) -> KeypointSchema | None:
         """The unified schema of the keypoint task ``source`` feeds (its flip pairs)."""
@@ -87,13 +95,15 @@ class LabelSpace:
         """Sorted output indices (keypoint indices for a keypoint task) that ``source``
         annotates for task ``task``; None when the source does not feed the task."""
         task_type = self.task(task).type
-        if self.task_of(source, task_type) != task:
+        annotation = next((a for a, t in self.source_tasks.get(source, {}).items() if t == task), None)
+        if annotation is None:
             return None
         if task_type in THING_TYPES:
             mapping = self.category_to_index.get(source)
             return None if mapping is None else sorted(set(mapping.values()))
-        remap = {"semantic": self.semantic_remap, "classification": self.class_remap,
-                 "keypoints": self.keypoint_remap}[task_type].get(source)
+        if task_type == "classification":
+            return sorted(set(self.class_remap[source][annotation]))
+        remap = {"semantic": self.semantic_remap, "keypoints": self.keypoint_remap}[task_type].get(source)
         return None if remap is None else sorted(set(remap))
 
     def sample_coverage(self, source: str) -> dict[str, torch.Tensor]:
@@ -102,9 +112,10 @@ class LabelSpace:
         Built once per source and shared read-only (collate copies)."""
         cached = self._coverage_cache.get(source)
         if cached is None:
+            keyed = [(key, self.task_of(source, task_type)) for task_type, key in COVERAGE_KEYS.items()]
+            keyed += [(class_coverage_key(task), task) for task in self.label_tasks(source).values()]
             cached = {}
-            for task_type, key in COVERAGE_KEYS.items():
-                task = self.task_of(source, task_type)
+            for key, task in keyed:
                 indices = None if task is None else self.covered(source, task)
                 size = 0 if task is None else len(self.classes[task])
                 if indices is not None and len(indices) < size:
@@ -225,11 +236,12 @@ def build_label_space(manifests: list[Manifest], tasks: list[TaskSpec] | None = 
     each manifest's explicit type -> task mapping (``data.sources[i].tasks``), None =
     derived. Every problem names the source and the task."""
     if tasks is None:
-        tasks = derived_tasks([list(m.tasks) for m in manifests])
+        tasks = derived_tasks([(list(m.tasks), list(m.label_fields())) for m in manifests])
     explicit = source_tasks if source_tasks is not None else [None] * len(manifests)
     space = LabelSpace(tasks=list(tasks), classes={t.name: [] for t in tasks})
     for i, (m, mapping) in enumerate(zip(manifests, explicit)):
-        space.source_tasks[m.name] = source_task_names(m.name, list(m.tasks), tasks, mapping, where=f"{where}[{i}]")
+        space.source_tasks[m.name] = source_task_names(m.name, list(m.tasks), tasks, mapping, where=f"{where}[{i}]",
+                                                       label_fields=list(m.label_fields()))
     for t in tasks:
         if t.type == "keypoints":
             schema = _unified_keypoints(manifests, space.source_tasks, t.name)
@@ -255,10 +267,11 @@ def build_label_space(manifests: list[Manifest], tasks: list[TaskSpec] | None = 
             task = fed["semantic"]
             _check_names(m.name, task, m.semantic_classes, space.classes[task], "semantic_classes")
             space.semantic_remap[m.name] = _merge(m.semantic_classes, space.classes[task])
-        if "classification" in fed:
-            task = fed["classification"]
-            _check_names(m.name, task, m.classes, space.classes[task], "classes")
-            space.class_remap[m.name] = _merge(m.classes, space.classes[task])
+        fields = m.label_fields()
+        for label, task in space.label_tasks(m.name).items():
+            what = "classes" if m.classes else f"image_labels[{label!r}]"
+            _check_names(m.name, task, fields[label], space.classes[task], what)
+            space.class_remap.setdefault(m.name, {})[label] = _merge(fields[label], space.classes[task])
     for t in tasks:  # an instance_mask task outputs its detection task's classes
         if t.type == "instance_mask":
             space.classes[t.name] = space.classes[t.boxes_from]
@@ -271,7 +284,8 @@ def build_label_space(manifests: list[Manifest], tasks: list[TaskSpec] | None = 
 
 def restrict_to_tasks(manifests: list[Manifest], space: LabelSpace) -> list[Manifest]:
     """The manifests with only the annotation types a task trains: the rest are not decoded."""
-    return [dataclasses.replace(m, tasks=[t for t in m.tasks if t in space.source_tasks[m.name]])
+    return [dataclasses.replace(m, tasks=[t for t in m.tasks if t in space.source_tasks[m.name]
+                                          or (t == "classification" and space.label_tasks(m.name))])
             for m in manifests]
 
 

@@ -8,7 +8,9 @@ Shard format (ordinary tar files, one sample = members sharing a key)::
                              "annotations": [COCO annotation dicts, unchanged: id, category_id,
                                              bbox (xywh), area, iscrowd, segmentation
                                              (polygons or RLE), keypoints, num_keypoints],
-                             "class_id": int | absent (image-level class, classification)}
+                             "class_id": int | absent (image-level class, classification),
+                             "image_labels": {field: int | null} | absent (several named
+                                             image-level classes; null: not labelled)}
     <key>.seg.png           semantic mask, one channel, values = semantic class ids,
                             255 = unlabelled (semantic sources only)
 
@@ -70,6 +72,9 @@ class Manifest:
     semantic_classes: list[str] = field(default_factory=list)
     # Image-level class names; index == "class_id" in <key>.json.
     classes: list[str] = field(default_factory=list)
+    # Several named image-level labels per image (weather, time of day), instead of
+    # ``classes``: field -> class names; index == "image_labels"[field] in <key>.json.
+    image_labels: dict[str, list[str]] = field(default_factory=dict)
     # The source's COCO ground truth (evaluation scores against the original ids): a copy of
     # the converted json inside the source directory, relative to it (see ``annotation_path``).
     annotation_file: str | None = None
@@ -124,11 +129,28 @@ class Manifest:
                 raise ValueError(f"{where}: keypoints.sigmas {problem}")
         if "semantic" in self.tasks and not self.semantic_classes:
             raise ValueError(f"{where}: source {self.name!r} labels task 'semantic' but has no 'semantic_classes'")
-        if "classification" in self.tasks and not self.classes:
-            raise ValueError(f"{where}: source {self.name!r} labels task 'classification' but has no 'classes'")
+        if "classification" in self.tasks and not (self.classes or self.image_labels):
+            raise ValueError(f"{where}: source {self.name!r} labels task 'classification' but has no 'classes' "
+                             f"or 'image_labels'")
+        if self.classes and self.image_labels:
+            raise ValueError(f"{where}: source {self.name!r} has both 'classes' and 'image_labels'; one image label "
+                             f"is 'classes', several are 'image_labels'")
+        for label, classes in self.image_labels.items():
+            if not isinstance(label, str) or not label.strip() or "/" in label or label in TASK_TYPES:
+                raise ValueError(f"{where}: image_labels field {label!r} must be a name without '/' and not a task "
+                                 f"type")
+            if not isinstance(classes, list) or not classes:
+                raise ValueError(f"{where}: image_labels[{label!r}] must list its class names")
         for task in ("detection", "instance_mask"):
             if task in self.tasks and not self.categories:
                 raise ValueError(f"{where}: source {self.name!r} labels task {task!r} but has no 'categories'")
+
+    def label_fields(self) -> dict[str, list[str]]:
+        """The source's image-level labels: field -> class names. ``classes`` is the one field
+        named "classification"."""
+        if "classification" not in self.tasks:
+            return {}
+        return {k: list(v) for k, v in self.image_labels.items()} or {"classification": list(self.classes)}
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -19,13 +19,16 @@ Per-sample dict (after decoding, before collate)::
     keypoints   tv_tensors.KeyPoints float32 [N, K, 2]  (x, y) absolute pixels
     keypoint_visibility  int64 [N, K]    COCO visibility 0 (not labelled), 1, 2
     semantic    tv_tensors.Mask int64 [H, W]  class index per pixel, ``IGNORE_INDEX`` = unlabelled
-    class_label int64 scalar             image-level class index (classification)
+    class_label/<task>     int64 scalar  image-level class index, per classification task (a
+                                         source may feed several: weather and time of day)
     thing_coverage     bool [C_thing]    the classes the sample's source annotates (detection,
-    semantic_coverage  bool [C_semantic]  instance_mask; semantic; classification), present only
-    class_coverage     bool [C_image]    when it annotates some but not all: absent = all
+    semantic_coverage  bool [C_semantic]  instance_mask; semantic; a classification task),
+    class_coverage/<task>  bool [C_task] present only when it annotates some but not all:
+                                         absent = all
 
-A source feeds at most one task of each type (``data_pipelines/tasks.py``), so the keys are
-per type: each holds the sample's labels in the label space of its task of that type.
+A source feeds at most one task of each type (``data_pipelines/tasks.py``) but classification,
+where each of its image-label fields feeds a task: the keys are per type, each holding the
+sample's labels in the label space of its task of that type, and per task for classification.
 Keys for tasks a sample is not labelled for may be absent or hold empty tensors; the
 ``task_mask`` is the only authority on what is labelled. What a source does not annotate
 gets no loss: a class outside its coverage is neither positive nor negative on its samples,
@@ -42,13 +45,24 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the types alone m
 # The kinds of annotation, which are also the types of tasks (data_pipelines/tasks.py).
 TASK_TYPES: tuple[str, ...] = ("detection", "instance_mask", "keypoints", "semantic", "classification")
 
-# Task type -> the per-sample target holding its class coverage (keypoints need none: visibility 0).
+# Task type -> the per-sample target holding its class coverage (keypoints need none: visibility 0;
+# classification: per task, class_coverage_key).
 COVERAGE_KEYS: dict[str, str] = {
     "detection": "thing_coverage",
     "instance_mask": "thing_coverage",
     "semantic": "semantic_coverage",
-    "classification": "class_coverage",
 }
+# Per-sample targets keyed per task (prefix + task name): a source may feed several
+# classification tasks, each image then holding a label for each.
+TASK_TARGET_PREFIXES: tuple[str, ...] = ("class_label/", "class_coverage/")
+
+
+def class_label_key(task: str) -> str:
+    return f"class_label/{task}"
+
+
+def class_coverage_key(task: str) -> str:
+    return f"class_coverage/{task}"
 
 # Semantic masks use this value for pixels without a label (the usual VOC/ADE convention).
 IGNORE_INDEX = 255
@@ -73,7 +87,7 @@ class Batch:
         images: float32 [B, 3, H, W] in [0, 1] (normalisation belongs to the model).
         targets: one dict per sample with the per-sample tensors of the schema above
             (``boxes``, ``labels``, ``iscrowd``, ``masks``, ``keypoints``,
-            ``keypoint_visibility``, ``semantic``, ``class_label`` and the coverage keys)
+            ``keypoint_visibility``, ``semantic``, ``class_label/<task>`` and the coverage keys)
             as plain tensors.
         task_mask: bool [B, T], a column per task of the job, in ``model.tasks`` order.
         keys: sample keys, for audit and debugging.

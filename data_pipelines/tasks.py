@@ -16,12 +16,14 @@ type (per-dataset detection heads, several keypoint schemas, several image label
 Cascade tasks (instance masks, keypoints) predict on the boxes of one detection task,
 ``boxes_from``; with a single detection task that is the default.
 
-A source feeds at most one task of each type: its annotation types map to task names
-(``data.sources[i].tasks: {detection: driving}``). The default maps a type to the task
-named after it, else to the only task of that type; types no task has are not trained.
-Several tasks of one type therefore come from several sources, each source's annotations
-keeping one label space per type (its instances are one set of boxes, whatever tasks
-read them).
+A source feeds at most one task of each type, but classification: its annotation types map
+to task names (``data.sources[i].tasks: {detection: driving}``). The default maps a type to
+the task named after it, else to the only task of that type; types no task has are not
+trained. Several detection, mask, keypoint or semantic tasks therefore come from several
+sources, each source's annotations keeping one label space per type (its instances are one
+set of boxes, whatever tasks read them). Image labels are the exception: a source may have
+several named fields (``Manifest.image_labels``: weather, time of day), each feeding a
+classification task of its own, by default the one named after the field.
 
 Torch-free: the CLI validates tasks before anything imports torch.
 """
@@ -100,61 +102,76 @@ def parse_tasks(raw: Any, *, where: str = "model.tasks") -> list[TaskSpec]:
 
 
 def source_task_names(source: str, annotation_types: list[str], tasks: list[TaskSpec],
-                      explicit: dict[str, str] | None, *, where: str) -> dict[str, str]:
-    """Annotation type -> task name for one source (its manifest's ``tasks`` are its
-    annotation types): ``explicit`` (``data.sources[i].tasks``) where given, else the task
-    named after the type, else the only task of the type; a type no task has is left out.
-    Errors name the source and the task."""
+                      explicit: dict[str, str] | None, *, where: str,
+                      label_fields: list[str] | None = None) -> dict[str, str]:
+    """Annotation -> task name for one source. Its annotations are its manifest's types
+    (``tasks``), classification standing for its image-label fields (``label_fields``;
+    ``classes`` is the field "classification"). ``explicit`` (``data.sources[i].tasks``)
+    where given, else the task named after the annotation, else the only task of its type
+    (for a field: when the source has one); one of no task's type is left out. Errors name
+    the source and the task."""
     by_name = {t.name: t for t in tasks}
+    fields = list(label_fields if label_fields is not None else ["classification"]) \
+        if "classification" in annotation_types else []
+    kinds = {t: t for t in annotation_types if t != "classification"} | {f: "classification" for f in fields}
     out: dict[str, str] = {}
-    for annotation_type, task_name in (explicit or {}).items():
-        if annotation_type not in TASK_TYPES:
-            raise ValueError(f"{where}.tasks: {annotation_type!r} is not an annotation type; expected one of "
-                             f"{list(TASK_TYPES)}")
-        if annotation_type not in annotation_types:
-            raise ValueError(f"{where}.tasks: source {source!r} has no {annotation_type!r} annotations "
-                             f"(its manifest labels {annotation_types})")
+    for annotation, task_name in (explicit or {}).items():
+        if annotation not in kinds:
+            if annotation in TASK_TYPES:
+                raise ValueError(f"{where}.tasks: source {source!r} has no {annotation!r} annotations "
+                                 f"(its manifest labels {annotation_types})")
+            raise ValueError(f"{where}.tasks: {annotation!r} is not an annotation type or image-label field of "
+                             f"source {source!r}; it has {list(kinds)}")
         task = by_name.get(task_name)
         if task is None:
-            raise ValueError(f"{where}.tasks: source {source!r} maps {annotation_type!r} to task {task_name!r}, "
+            raise ValueError(f"{where}.tasks: source {source!r} maps {annotation!r} to task {task_name!r}, "
                              f"which model.tasks does not name; tasks: {list(by_name)}")
-        if task.type != annotation_type:
-            raise ValueError(f"{where}.tasks: source {source!r} maps its {annotation_type!r} annotations to task "
+        if task.type != kinds[annotation]:
+            raise ValueError(f"{where}.tasks: source {source!r} maps its {annotation!r} annotations to task "
                              f"{task_name!r}, which is a {task.type!r} task")
-        out[annotation_type] = task_name
-    for annotation_type in annotation_types:
-        if annotation_type in out:
+        out[annotation] = task_name
+    for annotation, kind in kinds.items():
+        if annotation in out:
             continue
-        named = by_name.get(annotation_type)
-        of_type = [t.name for t in tasks if t.type == annotation_type]
-        if named is not None and named.type == annotation_type:
-            out[annotation_type] = named.name
-        elif len(of_type) == 1:
-            out[annotation_type] = of_type[0]
+        named = by_name.get(annotation)
+        of_type = [t.name for t in tasks if t.type == kind]
+        if named is not None and named.type == kind:
+            out[annotation] = named.name
+        elif len(of_type) == 1 and (kind != "classification" or len(fields) == 1):
+            out[annotation] = of_type[0]
         elif of_type:
-            raise ValueError(f"{where}.tasks: source {source!r} has {annotation_type!r} annotations and there are "
-                             f"several {annotation_type} tasks {of_type}; map it to one, e.g. "
-                             f"{{{annotation_type}: {of_type[0]}}}")
+            what = f"image label {annotation!r}" if annotation != kind else f"{kind!r} annotations"
+            raise ValueError(f"{where}.tasks: source {source!r} has {what} and there are several {kind} tasks "
+                             f"{of_type}; map it to one, e.g. {{{annotation}: {of_type[0]}}}")
+    fed = list(out.values())
+    twice = sorted({n for n in fed if fed.count(n) > 1})
+    if twice:
+        raise ValueError(f"{where}.tasks: source {source!r} feeds task(s) {twice} from more than one annotation; "
+                         f"a task takes one label per image")
     # A source's instances are one set of boxes and classes: its masks and keypoints train
     # on them, so its cascade tasks must take boxes from the detection task it feeds.
     detection = out.get("detection")
-    by_type = {t: by_name[n] for t, n in out.items()}
     for cascade in CASCADE_TYPES:
-        task = by_type.get(cascade)
+        task = by_name.get(out.get(cascade, ""))
         if task is not None and detection is not None and task.boxes_from != detection:
             raise ValueError(f"{where}.tasks: source {source!r} feeds detection task {detection!r} but {cascade} "
                              f"task {task.name!r}, which takes its boxes from {task.boxes_from!r}; map them to "
                              f"tasks that share boxes")
-    return {t: out[t] for t in TASK_TYPES if t in out}
+    order = [*(t for t in TASK_TYPES if t != "classification"), *fields]
+    return {a: out[a] for a in sorted(out, key=order.index)}
 
 
-def derived_tasks(annotation_types: list[list[str]]) -> list[TaskSpec]:
-    """The default tasks: one per annotation type the sources have, named after it; the
-    cascades take the detection task's boxes (none without one: :func:`check_cascades`
-    refuses such tasks for a model, the data alone can still be read)."""
-    present = [t for t in TASK_TYPES if any(t in types for types in annotation_types)]
+def derived_tasks(sources: list[tuple[list[str], list[str]]]) -> list[TaskSpec]:
+    """The default tasks, from each source's (annotation types, image-label fields): one per
+    annotation type the sources have, named after it, and one per image-label field
+    (classification; ``classes`` is the field "classification"). The cascades take the
+    detection task's boxes (none without one: :func:`check_cascades` refuses such tasks for
+    a model, the data alone can still be read)."""
+    present = [t for t in TASK_TYPES if any(t in types for types, _ in sources)]
     boxes = "detection" if "detection" in present else None
-    return [TaskSpec(t, t, boxes if t in CASCADE_TYPES else None) for t in present]
+    fields = dict.fromkeys(f for types, labels in sources if "classification" in types for f in labels)
+    return [TaskSpec(t, t, boxes if t in CASCADE_TYPES else None) for t in present if t != "classification"] + [
+        TaskSpec(f, "classification") for f in fields]
 
 
 def check_cascades(tasks: list[TaskSpec]) -> None:

@@ -63,8 +63,13 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
     semantic.add_argument("--masks", type=Path, required=True)
     semantic.add_argument("--classes", type=Path, required=True, help="JSON list of class names, index = pixel value")
     semantic.set_defaults(data_run=_run_convert_semantic)
-    folder = formats.add_parser("imagefolder", help="ROOT/<class_name>/<image>")
+    folder = formats.add_parser(
+        "imagefolder", help="ROOT/<class_name>/<image>, or images with several named labels from a CSV (--labels)")
     folder.add_argument("--root", type=Path, required=True)
+    folder.add_argument(
+        "--labels", type=Path,
+        help="a CSV 'file,<label>,<label>...' (file relative to --root; an empty cell: not labelled): several named "
+        "image labels per image, each a classification task of its own (e.g. weather, daytime)")
     folder.set_defaults(data_run=_run_convert_image_folder)
     yolo = formats.add_parser(
         "yolo", help="Ultralytics YOLO txt labels (boxes, segment polygons, pose keypoints) + data.yaml")
@@ -174,7 +179,7 @@ def _run_convert_semantic(args: argparse.Namespace) -> int:
 
 
 def _run_convert_image_folder(args: argparse.Namespace) -> int:
-    manifest = convert_image_folder(args.root, args.out, **_shard_options(args))
+    manifest = convert_image_folder(args.root, args.out, labels=args.labels, **_shard_options(args))
     return _report(manifest.num_samples, args.out)
 
 

@@ -191,7 +191,9 @@ def _metrics(rows: list[dict], path: Path) -> Path | None:
     groups: dict[str, list[str]] = {}
     for key in sorted({k for r in rows for k in r if k.startswith("val/")}):
         parts = key.split("/")
-        if len(parts) == 4 and parts[3] in HEADLINE.get(parts[2], ()):
+        # A classification metric is keyed by its task's name: known by its stat (top1, top5).
+        headline = HEADLINE.get(parts[2], HEADLINE["classification"]) if len(parts) == 4 else ()
+        if parts[3:] and parts[3] in headline:
             groups.setdefault("/".join(parts[1:3]), []).append(key)
     if not groups:
         return None
@@ -223,16 +225,18 @@ def _metric_limits(top: float) -> tuple[float, float]:
 
 
 def _confusion_matrices(eval_dir: Path, out: Path) -> list[Path]:
-    """The last evaluation's classification confusion matrices, one figure per source."""
+    """The last evaluation's classification confusion matrices, one figure per source and
+    classification task."""
     summaries = sorted(eval_dir.glob("step_*/summary.json"), key=lambda p: int(p.parent.name.split("_", 1)[1]))
     if not summaries:
         return []
     last = summaries[-1].parent
     written = []
-    for path in sorted(last.glob("*_classification_confusion.json")):
-        source = path.name[: -len("_classification_confusion.json")]
-        written.append(_confusion_matrix(json.loads(path.read_text()), source=source, step=last.name,
-                                         path=out / f"confusion_{source}.png"))
+    for path in sorted(last.glob("*_confusion.json")):  # <source>_<classification task>_confusion.json
+        data = json.loads(path.read_text())
+        source, task = data["source"], data["task"]
+        name = source if task == "classification" else f"{source}_{task}"
+        written.append(_confusion_matrix(data, source=name, step=last.name, path=out / f"confusion_{name}.png"))
     return written
 
 
@@ -253,6 +257,6 @@ def _confusion_matrix(data: dict, *, source: str, step: str, path: Path) -> Path
                     color="white" if shares[i][j] > 0.6 else "black")
     fig.colorbar(image, ax=ax, label="share of the true class's images")
     correct = sum(matrix[i][i] for i in range(len(matrix)))
-    ax.set_title(f"{source}: classification confusion, {step.replace('_', ' ')} "
+    ax.set_title(f"{source}: {data['task']} confusion, {step.replace('_', ' ')} "
                  f"(top-1 {correct}/{sum(totals)})")
     return _save(fig, path)

@@ -63,7 +63,7 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(
             {
                 t.name: build_head(t.type, cfg=cfg, in_channels=self.backbone.out_channels,
-                                   num_classes=num_classes[t.name])
+                                   num_classes=num_classes[t.name], name=t.name)
                 for t in self.tasks
             }
         )

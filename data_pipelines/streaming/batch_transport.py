@@ -19,12 +19,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from data_pipelines.streaming.collate import TARGET_KEYS, images_to_float, pad_to_batch, sample_images
+from data_pipelines.streaming.collate import images_to_float, pad_to_batch, sample_images, target_keys
 from data_pipelines.schema import Batch
 from data_pipelines.streaming.shared_memory import empty_for_transport
 
-# Targets with one value per sample, stacked; the others have one row per instance, concatenated.
-_PER_SAMPLE = ("semantic", "class_label")
+# Targets with one value per sample (semantic, class_label/<task>), stacked; the others have
+# one row per instance (or class: coverage), concatenated.
+def _per_sample(key: str) -> bool:
+    return key == "semantic" or key.startswith("class_label/")
 _ALIGN = 64  # byte offset of every tensor in the buffer: any dtype may view it
 
 
@@ -80,12 +82,12 @@ def pack(samples: list[dict]) -> PackedBatch:
     image_slot = place(torch.uint8, (len(images), *images[0].shape))
     mask_slot = place(torch.bool, (len(samples), *samples[0]["task_mask"].shape))
     parts = {}
-    for key in TARGET_KEYS:
+    for key in target_keys(samples):
         have = [i for i, s in enumerate(samples) if key in s]
         if not have:
             continue
         values = [samples[i][key].as_subclass(torch.Tensor) for i in have]
-        if key in _PER_SAMPLE:
+        if _per_sample(key):
             shape, counts = (len(values), *values[0].shape), []
         else:
             shape, counts = (sum(len(v) for v in values), *values[0].shape[1:]), [len(v) for v in values]
@@ -100,7 +102,7 @@ def pack(samples: list[dict]) -> PackedBatch:
         np.copyto(image_out[i], image.numpy())
     torch.stack([s["task_mask"] for s in samples], out=mask_slot.view(buffer))
     for key, (have, counts, slot, values) in parts.items():
-        if key in _PER_SAMPLE:
+        if _per_sample(key):
             torch.stack(values, out=slot.view(buffer))
         else:
             torch.cat(values, out=slot.view(buffer))
@@ -118,7 +120,7 @@ def unpack(packed: PackedBatch, *, device: torch.device | str | None = None) -> 
     targets: list[dict[str, torch.Tensor]] = [{} for _ in packed.keys]
     for key, (have, counts, slot) in packed.targets.items():
         values = slot.view(buffer)
-        parts = values.unbind(0) if key in _PER_SAMPLE else values.split(counts)
+        parts = values.unbind(0) if _per_sample(key) else values.split(counts)
         for i, part in zip(have, parts):
             targets[i][key] = part
     images = packed.images.view(buffer)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.schema import IGNORE_INDEX, Batch
+from data_pipelines.schema import IGNORE_INDEX, TASK_TARGET_PREFIXES, Batch
 from data_pipelines.streaming.shared_memory import empty_for_transport
 
 TARGET_KEYS: tuple[str, ...] = (
@@ -14,13 +14,19 @@ TARGET_KEYS: tuple[str, ...] = (
     "keypoints",
     "keypoint_visibility",
     "semantic",
-    "class_label",
     # Coverage vectors (schema.COVERAGE_KEYS), present only for sources that annotate part
     # of a task's classes; batch_transport carries them as it carries per-instance rows.
     "thing_coverage",
     "semantic_coverage",
-    "class_coverage",
 )
+# And the keys per classification task (schema.TASK_TARGET_PREFIXES): class_label/<task>,
+# class_coverage/<task>.
+
+
+def target_keys(samples: list[dict]) -> list[str]:
+    """The target keys the samples hold: :data:`TARGET_KEYS` in order, then the per-task ones."""
+    per_task = sorted({k for s in samples for k in s if k.startswith(TASK_TARGET_PREFIXES)})
+    return [k for k in TARGET_KEYS if any(k in s for s in samples)] + per_task
 
 
 # What padding (collate's, to the batch's largest image) fills each per-pixel entry with:
@@ -33,10 +39,11 @@ def collate(samples: list[dict]) -> Batch:
     (see :func:`pad_to_batch`); targets stay per sample as plain tensors."""
     samples, image_sizes = pad_to_batch(samples)
     images = torch.stack(sample_images(samples))
+    keys = target_keys(samples)
     return Batch(
         images=images_to_float(images, out=empty_for_transport(images.shape, torch.float32)),
         # Plain tensors: tv_tensor metadata (canvas_size, format) means nothing to the model.
-        targets=[{k: s[k].as_subclass(torch.Tensor) for k in TARGET_KEYS if k in s} for s in samples],
+        targets=[{k: s[k].as_subclass(torch.Tensor) for k in keys if k in s} for s in samples],
         task_mask=torch.stack([s["task_mask"] for s in samples]),
         keys=[s["key"] for s in samples],
         sources=[s["source"] for s in samples],

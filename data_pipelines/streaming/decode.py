@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from data_pipelines.annotation_check import check_annotation, check_annotation_list, check_image_entry
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import IGNORE_INDEX
+from data_pipelines.schema import IGNORE_INDEX, class_label_key
 
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -110,8 +110,15 @@ def _decode(raw: dict[str, bytes], manifest: Manifest, label_space: LabelSpace, 
         )
     if "semantic" in tasks:
         sample["semantic"] = _semantic(raw, label_space.semantic_remap[source], frame)
-    if "classification" in tasks:
-        sample["class_label"] = _class_label(meta, label_space.class_remap[source])
+    for label, task in label_space.label_tasks(source).items():
+        value = _class_label(meta, label, label_space.class_remap[source][label], single=bool(manifest.classes))
+        if value is None:  # not labelled for this field on this image: no loss for the task
+            column = label_space.task_names.index(task)
+            if sample["task_mask"][column]:
+                sample["task_mask"] = sample["task_mask"].clone()
+                sample["task_mask"][column] = False
+        else:
+            sample[class_label_key(task)] = value
     # Which classes the source annotates, for the tasks it covers in part (shared tensors).
     sample.update(label_space.sample_coverage(source))
     return sample
@@ -306,9 +313,19 @@ def _semantic(raw: dict[str, bytes], remap: list[int], frame: Frame) -> tv_tenso
     return tv_tensors.Mask(out)
 
 
-def _class_label(meta: dict, remap: list[int]) -> torch.Tensor:
-    _require(meta, ("class_id",), "'json' member of a classification source")
-    class_id = meta["class_id"]
-    if not isinstance(class_id, int) or not 0 <= class_id < len(remap):
-        raise ValueError(f"class_id {class_id!r} is not in [0, {len(remap)})")
+def _class_label(meta: dict, label: str, remap: list[int], *, single: bool) -> torch.Tensor | None:
+    """The image's class for image-label field ``label`` (``class_id`` for a source with
+    ``classes``, ``image_labels[label]`` else, where null or absent is "not labelled")."""
+    if single:
+        _require(meta, ("class_id",), "'json' member of a classification source")
+        class_id, what = meta["class_id"], "class_id"
+    else:
+        labels = meta.get("image_labels", {})
+        if not isinstance(labels, dict):
+            raise ValueError(f"'json' image_labels is a {type(labels).__name__}, expected an object")
+        class_id, what = labels.get(label), f"image_labels[{label!r}]"
+        if class_id is None:
+            return None
+    if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < len(remap):
+        raise ValueError(f"{what} {class_id!r} is not in [0, {len(remap)})")
     return torch.tensor(remap[class_id], dtype=torch.int64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,7 +33,7 @@ class ImageRecord:
     height: int  # original size; predictions are made on the resized image
     width: int
     semantic: torch.Tensor | None = None  # int64 [height, width] label-space indices, IGNORE_INDEX = unlabelled
-    class_label: int | None = None  # label-space index
+    class_labels: dict[str, int] = field(default_factory=dict)  # classification task -> label-space index
     file_name: str | None = None  # the image's file name in its source, for per-image predictions
 
 
@@ -90,7 +90,8 @@ class EvalStream(IterableDataset):
             height=height,
             width=width,
             semantic=semantic,
-            class_label=int(sample["class_label"]) if "class_label" in sample else None,
+            class_labels={key.split("/", 1)[1]: int(value) for key, value in sample.items()
+                          if key.startswith("class_label/")},
             file_name=image.get("file_name"),
         )
         return self.transform(sample), record

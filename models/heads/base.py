@@ -16,7 +16,11 @@ class TaskHead(nn.Module, ABC):
     Subclasses are built as ``cls(cfg=ModelConfig, in_channels=int, num_classes=int)``
     (``num_classes`` is the number of keypoints for the keypoint head).
     ``image_size`` is the (padded) size of the images the features were computed from.
+    ``task_name`` (set by ``build_head``) names the task, whose per-task targets (a
+    classification task's ``class_label/<task>``) the head reads.
     """
+
+    task_name: str
 
     @abstractmethod
     def loss(

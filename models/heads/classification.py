@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_pipelines.schema import class_coverage_key, class_label_key
 from models.backbone import FPN_STRIDES
 from models.heads.base import Features, TaskHead, coverage_rows, labelled_subset, zero_loss
 from models.heads.registry import register_head
@@ -53,8 +54,9 @@ class ClassificationHead(TaskHead):
         logits = self._logits(subset, None if image_sizes is None else [image_sizes[i] for i in rows])
         if index.numel() == 0:
             return zero_loss(logits), 0
-        labels = torch.stack([targets[i]["class_label"] for i in index.tolist()])
-        coverage = coverage_rows(targets, index, "class_coverage", self.num_classes) if self.ignore_unannotated else None
+        labels = torch.stack([targets[i][class_label_key(self.task_name)] for i in index.tolist()])
+        coverage = (coverage_rows(targets, index, class_coverage_key(self.task_name), self.num_classes)
+                    if self.ignore_unannotated else None)
         if coverage is not None:
             # Softmax over the sample's source's classes only (-inf: probability and gradient 0).
             logits = torch.where(coverage, logits, float("-inf"))

@@ -1,4 +1,4 @@
-"""Task heads by task name."""
+"""Task heads by task type."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,9 +28,12 @@ def head_names() -> list[str]:
     return list(_HEADS)
 
 
-def build_head(task: str, *, cfg: ModelConfig, in_channels: int, num_classes: int) -> TaskHead:
+def build_head(task: str, *, cfg: ModelConfig, in_channels: int, num_classes: int, name: str | None = None) -> TaskHead:
+    """A head of task type ``task`` for the task named ``name`` (default: the type)."""
     if task not in _HEADS:
         raise ValueError(f"no head registered for task {task!r}; registered: {head_names()}")
     if num_classes < 1:
-        raise ValueError(f"task {task!r}: the label space has {num_classes} classes; need at least 1")
-    return _HEADS[task](cfg=cfg, in_channels=in_channels, num_classes=num_classes)
+        raise ValueError(f"task {name or task!r}: the label space has {num_classes} classes; need at least 1")
+    head = _HEADS[task](cfg=cfg, in_channels=in_channels, num_classes=num_classes)
+    head.task_name = name or task
+    return head

@@ -17,10 +17,10 @@ def _sample(i: int, **targets) -> dict:
 SAMPLES = [
     _sample(0, boxes=tv_tensors.BoundingBoxes(torch.rand(2, 4), format="XYXY", canvas_size=(5, 5)),
             labels=torch.tensor([1, 2]), masks=tv_tensors.Mask(torch.ones(2, 5, 5, dtype=torch.uint8))),
-    _sample(1, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), class_label=torch.tensor(3),
+    _sample(1, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), **{"class_label/a": torch.tensor(3)},
             semantic=tv_tensors.Mask(torch.full((5, 5), 7))),
     _sample(2, boxes=torch.rand(1, 4), labels=torch.tensor([0]), masks=torch.zeros(1, 5, 5, dtype=torch.uint8),
-            class_label=torch.tensor(1), semantic=torch.zeros(5, 5, dtype=torch.int64)),
+            **{"class_label/a": torch.tensor(1)}, semantic=torch.zeros(5, 5, dtype=torch.int64)),
 ]
 
 

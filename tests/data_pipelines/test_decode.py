@@ -128,7 +128,7 @@ def test_decoded_sample_matches_annotations(source):
     expected_sem = torch.where(seg == IGNORE_INDEX, IGNORE_INDEX, 1 - seg)
     assert isinstance(out["semantic"], tv_tensors.Mask) and out["semantic"].dtype == torch.int64
     assert torch.equal(out["semantic"], expected_sem)
-    assert out["class_label"].item() == 1  # "indoor" comes after "outdoor" from the earlier source
+    assert out["class_label/classification"].item() == 1  # "indoor" comes after "outdoor" from the earlier source
 
 
 def test_grayscale_jpeg_decodes_to_rgb():

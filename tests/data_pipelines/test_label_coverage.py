@@ -4,6 +4,7 @@ before the ranks start with one line naming the source and the task."""
 from __future__ import annotations
 
 import json
+import re
 import pickle
 import shutil
 
@@ -51,7 +52,7 @@ def test_coverage_per_source_and_task(demo_sources):
     raw = next(source_samples(manifests[1], max_images=1))
     sample = decode_sample(raw, manifest=manifests[1], label_space=space)
     assert sample["thing_coverage"].tolist() == [False, False, False, True]
-    assert "semantic_coverage" not in sample and "class_coverage" not in sample
+    assert "semantic_coverage" not in sample and "class_coverage/classification" not in sample
     raw = next(source_samples(manifests[2], max_images=1))
     assert "semantic_coverage" not in decode_sample(raw, manifest=manifests[2], label_space=space)
 
@@ -64,9 +65,9 @@ def test_partial_semantic_and_image_classes_are_covered_by_name():
     assert space.classes["semantic"] == ["road", "car", "floor"] and space.classes["classification"] == ["day", "night"]
     coverage = space.sample_coverage("indoor")
     assert coverage["semantic_coverage"].tolist() == [False, True, True]
-    assert coverage["class_coverage"].tolist() == [False, True]
+    assert coverage["class_coverage/classification"].tolist() == [False, True]
     assert space.sample_coverage("city")["semantic_coverage"].tolist() == [True, True, False]
-    assert "class_coverage" not in space.sample_coverage("city")  # covers every image class
+    assert "class_coverage/classification" not in space.sample_coverage("city")  # covers every image class
 
 
 def test_coverage_travels_through_collate_and_the_worker_transport():
@@ -237,3 +238,52 @@ def test_bad_task_mappings_name_the_source_and_task(tasks, mappings, message):
     with pytest.raises(ValueError) as error:
         build_label_space([manifest], parse_tasks(tasks), mappings)
     assert message in str(error.value)
+
+
+def test_image_label_fields_feed_a_classification_task_each():
+    tagged = _manifest("tagged", ["classification"], image_labels={"weather": ["sun", "rain"], "daytime": ["day"]})
+    plain = _manifest("plain", ["classification"], classes=["rain", "snow"])
+    space = build_label_space([tagged, plain], _tasks(weather="classification", daytime="classification"),
+                              [None, {"classification": "weather"}])
+    # Fields go to the tasks named after them; the plain source's one label is mapped.
+    assert space.source_tasks == {"tagged": {"weather": "weather", "daytime": "daytime"},
+                                  "plain": {"classification": "weather"}}
+    assert space.classes == {"weather": ["sun", "rain", "snow"], "daytime": ["day"]}
+    assert space.class_remap == {"tagged": {"weather": [0, 1], "daytime": [0]}, "plain": {"classification": [1, 2]}}
+    assert space.task_mask("tagged").tolist() == [True, True]
+    assert space.sample_coverage("tagged")["class_coverage/weather"].tolist() == [True, True, False]
+    assert "class_coverage/daytime" not in space.sample_coverage("tagged")
+    assert space.coverage_table([tagged, plain]) == {"tagged": {"weather": "2/3", "daytime": "1/1"},
+                                                     "plain": {"weather": "2/3"}}
+    # Derived tasks: one per field (the plain source's is "classification").
+    derived = build_label_space([tagged, plain])
+    assert derived.task_names == ["weather", "daytime", "classification"]
+
+
+@pytest.mark.parametrize(("tasks", "mapping", "message"), [
+    ({"a": "classification", "b": "classification"}, None,
+     "data.sources[0].tasks: source 'tagged' has image label 'weather' and there are several classification tasks"),
+    ({"a": "classification", "b": "classification"}, {"weather": "a", "daytime": "a"},
+     "data.sources[0].tasks: source 'tagged' feeds task(s) ['a'] from more than one annotation"),
+    ({"a": "classification", "things": "detection"}, {"weather": "things", "daytime": "a"},
+     "source 'tagged' maps its 'weather' annotations to task 'things', which is a 'detection' task"),
+    ({"a": "classification"}, {"season": "a"},
+     "data.sources[0].tasks: 'season' is not an annotation type or image-label field of source 'tagged'"),
+])
+def test_bad_image_label_mappings_name_the_source_and_task(tasks, mapping, message):
+    from data_pipelines.tasks import parse_tasks
+
+    tagged = _manifest("tagged", ["classification"], image_labels={"weather": ["sun"], "daytime": ["day"]})
+    with pytest.raises(ValueError) as error:
+        build_label_space([tagged], parse_tasks(tasks), [mapping])
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"classes": ["a"], "image_labels": {"w": ["x"]}}, "has both 'classes' and 'image_labels'"),
+    ({"image_labels": {"semantic": ["x"]}}, "image_labels field 'semantic' must be a name without '/' and not a task"),
+    ({"image_labels": {"w": []}}, "image_labels['w'] must list its class names"),
+])
+def test_bad_image_labels_in_a_manifest_are_refused(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _manifest("tagged", ["classification"], **fields).validate("manifest.json")

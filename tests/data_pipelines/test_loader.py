@@ -70,7 +70,7 @@ def check_batch(batch: Batch) -> None:
         else:
             assert source == "seg" and torch.equal(mask, task_mask_for(SEG_TASKS, TASK_TYPES))
             assert target["semantic"].shape == (SIZE, SIZE) and target["semantic"].dtype == torch.int64
-            assert target["class_label"].shape == () and target["class_label"].dtype == torch.int64
+            assert target["class_label/classification"].shape == () and target["class_label/classification"].dtype == torch.int64
             assert "masks" not in target
 
 
@@ -168,7 +168,7 @@ def test_labels_use_the_merged_label_space(sources):
             if source == "det":
                 assert set(target["labels"].tolist()) <= {0}
             else:
-                assert target["class_label"].item() == int(key[-3:]) % 2
+                assert target["class_label/classification"].item() == int(key[-3:]) % 2
 
 
 def test_decode_error_surfaces_with_shard_and_key(tmp_path):

@@ -38,7 +38,7 @@ def make_target(seed: int, *, height: int = SIZE, width: int = SIZE, num_instanc
         "keypoints": torch.stack(keypoints) if keypoints else torch.zeros(0, k, 2),
         "keypoint_visibility": visibility,
         "semantic": semantic,
-        "class_label": torch.randint(0, NUM_CLASSES["classification"], (), generator=g),
+        "class_label/classification": torch.randint(0, NUM_CLASSES["classification"], (), generator=g),
     }
 
 

@@ -208,8 +208,8 @@ def test_two_tasks_of_one_type_train_their_own_heads_on_their_own_samples() -> N
     assert m.heads["weather"].classifier[-1].out_features == 4 and m.heads["daytime"].classifier[-1].out_features == 2
     targets = [make_target(i) for i in range(4)]
     targets[1]["labels"] = targets[1]["labels"].clamp(max=1)  # driving's 2 classes
-    for t, label in zip(targets, [3, 0, 1, 1]):  # each sample's label in the space of its source's task
-        t["class_label"] = torch.tensor(label)
+    for t, (task, label) in zip(targets, [("weather", 3), ("daytime", 0), ("weather", 1), ("daytime", 1)]):
+        t[f"class_label/{task}"] = torch.tensor(label)  # in its own task's label space
     # coco+weather, driving+daytime, weather, daytime
     mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     out = m(make_batch(targets, task_mask=mask))

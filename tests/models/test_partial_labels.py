@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipelines.schema import COVERAGE_KEYS
+from data_pipelines.schema import COVERAGE_KEYS, class_coverage_key
 from models.backbone import FPN_STRIDES
 from models.config import ModelConfig
 from models.heads import TaskHead, build_head
@@ -47,11 +47,11 @@ def _partial_target(seed: int) -> dict[str, torch.Tensor]:
     target["labels"] = target["labels"] % 2
     semantic = target["semantic"]
     target["semantic"] = torch.where((semantic > 2) & (semantic != 255), 0, semantic)
-    target["class_label"] = torch.tensor(1)
+    target["class_label/classification"] = torch.tensor(1)
     for task in TASKS:
         covered = torch.ones(NUM_CLASSES[task], dtype=torch.bool)
         covered[UNCOVERED[task]] = False
-        target[COVERAGE_KEYS[task]] = covered
+        target[COVERAGE_KEYS.get(task, class_coverage_key(task))] = covered  # classification: per task
     return target
 
 
@@ -119,7 +119,8 @@ def test_loss_without_coverage_keys_is_unchanged() -> None:
         torch.manual_seed(0)
         head = build_head(task, cfg=_cfg("ignore"), in_channels=CHANNELS, num_classes=NUM_CLASSES[task])
         targets = [make_target(0), make_target(1)]
-        full = [{**t, COVERAGE_KEYS[task]: torch.ones(NUM_CLASSES[task], dtype=torch.bool)} for t in targets]
+        full = [{**t, COVERAGE_KEYS.get(task, class_coverage_key(task)): torch.ones(NUM_CLASSES[task], dtype=torch.bool)}
+                for t in targets]
         torch.manual_seed(1)
         plain, _ = head.loss(_features(2), (SIZE, SIZE), targets, torch.tensor([True, True]))
         torch.manual_seed(1)

@@ -86,7 +86,7 @@ def test_each_source_is_evaluated_on_its_tasks(named_run):
     (evaluation,) = [r for r in rows if "eval/images" in r]
     for key in ("val/shapes_instances/bbox/AP", "val/shapes_instances/segm/AP", "val/shapes_keypoints/bbox/AP",
                 "val/shapes_keypoints/keypoints/AP", "val/shapes_semantic/semantic/mIoU",
-                "val/shapes_classes/classification/top1"):
+                "val/shapes_classes/shape_class/top1"):  # classification: by task name (a source may have several)
         assert key in evaluation, key
     # Each source's boxes are its own task's: the keypoint source's results hold only its category.
     results = json.loads((run_dir / "eval" / f"step_{STEPS}" / "shapes_keypoints_bbox_results.json").read_text())

@@ -8,7 +8,7 @@ from torch import Tensor
 from trainer.evaluation.dense_metrics import TOP_K, ranked_classes, semantic_confusion
 from data_pipelines.streaming.eval_loader import ImageRecord
 from trainer.evaluation.predictions import coco_results, valid_region
-from trainer.evaluation.source_spec import SourceSpec
+from trainer.evaluation.source_spec import SourceSpec, outputs_of
 
 
 @dataclass
@@ -22,36 +22,42 @@ class SourceAccumulator:
     image_ids: list[int] = field(default_factory=list)
     coco: dict[str, list[dict]] = field(default_factory=dict)  # iou type -> results
     confusion: Tensor | None = None  # semantic, [C, C] over the label space
-    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(TOP_K, 0))
-    classified: int = 0
-    # classification, one per image: image_id, file_name, label and the top-5 (label-space
-    # indices) with their probabilities over the source's classes
-    classifications: list[dict] = field(default_factory=list)
+    # Per classification task: top-k hits, images classified, and per image: image_id,
+    # file_name, label and the top-5 (label-space indices) with their probabilities over
+    # the source's classes.
+    hits: dict[str, dict[int, int]] = field(default_factory=dict)
+    classified: dict[str, int] = field(default_factory=dict)
+    classifications: dict[str, list[dict]] = field(default_factory=dict)
 
     def add(
-        self, output: dict[str, Tensor], record: ImageRecord, *, spec: SourceSpec, input_size: tuple[int, int]
+        self, output: dict[str, dict[str, Tensor]], record: ImageRecord, *, spec: SourceSpec,
+        input_size: tuple[int, int]
     ) -> None:
-        """Score one image; ``output`` is the model's, moved to the CPU, in the resized
-        image's frame of (height, width) ``input_size`` (padding beyond it is dropped)."""
-        output = valid_region(output, input_size)
+        """Score one image; ``output`` is the model's (per task name), moved to the CPU, in
+        the resized image's frame of (height, width) ``input_size`` (padding beyond it is
+        dropped)."""
+        flat = valid_region(outputs_of(output, spec), input_size)
         self.image_ids.append(record.image_id)
-        for iou_type, results in coco_results(output, record, spec, input_size=input_size).items():
+        for iou_type, results in coco_results(flat, record, spec, input_size=input_size).items():
             self.coco.setdefault(iou_type, []).extend(results)
         if spec.semantic_classes is not None:
             assert record.semantic is not None  # decoded for every semantic source
             counts = semantic_confusion(
-                output["semantic_logits"], record.semantic,
+                flat["semantic_logits"], record.semantic,
                 classes=spec.semantic_classes, num_classes=spec.num_semantic_classes,
             )
             self.confusion = counts if self.confusion is None else self.confusion + counts
-        if spec.image_classes is not None:
-            assert record.class_label is not None  # decoded for every classification source
-            ranked, probabilities = ranked_classes(output["class_logits"], classes=spec.image_classes)
+        for task, classes in spec.image_classes.items():
+            label = record.class_labels.get(task)
+            if label is None:  # this image is not labelled for the task
+                continue
+            ranked, probabilities = ranked_classes(output[task]["class_logits"], classes=classes)
+            hits = self.hits.setdefault(task, dict.fromkeys(TOP_K, 0))
             for k in TOP_K:
-                self.hits[k] += int(record.class_label in ranked[:k])
-            self.classified += 1
-            self.classifications.append({
-                "image_id": record.image_id, "file_name": record.file_name, "label": record.class_label,
+                hits[k] += int(label in ranked[:k])
+            self.classified[task] = self.classified.get(task, 0) + 1
+            self.classifications.setdefault(task, []).append({
+                "image_id": record.image_id, "file_name": record.file_name, "label": label,
                 "top": ranked[:max(TOP_K)], "scores": probabilities[:max(TOP_K)],
             })
 
@@ -64,8 +70,12 @@ class SourceAccumulator:
                 merged.coco.setdefault(iou_type, []).extend(results)
             if part.confusion is not None:
                 merged.confusion = part.confusion if merged.confusion is None else merged.confusion + part.confusion
-            for k in TOP_K:
-                merged.hits[k] += part.hits[k]
-            merged.classified += part.classified
-            merged.classifications += part.classifications
+            for task, hits in part.hits.items():
+                total = merged.hits.setdefault(task, dict.fromkeys(TOP_K, 0))
+                for k in TOP_K:
+                    total[k] += hits[k]
+            for task, count in part.classified.items():
+                merged.classified[task] = merged.classified.get(task, 0) + count
+            for task, records in part.classifications.items():
+                merged.classifications.setdefault(task, []).extend(records)
         return merged

@@ -43,8 +43,8 @@ def metric_keys(spec: SourceSpec) -> list[str]:
     scored = {iou: STAT_NAMES[iou] for iou in spec.iou_types}
     if spec.semantic_classes is not None:
         scored["semantic"] = SEMANTIC_STATS
-    if spec.image_classes is not None:
-        scored["classification"] = tuple(f"top{k}" for k in TOP_K)
+    for task in spec.image_classes:  # classification: keyed by the task's name
+        scored[task] = tuple(f"top{k}" for k in TOP_K)
     return [f"val/{spec.name}/{task}/{stat}" for task, stats in scored.items() for stat in stats]
 
 

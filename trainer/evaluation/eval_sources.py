@@ -41,7 +41,8 @@ def map_eval_sources(train: LabelSpace, manifests: list[Manifest],
     """
     space = LabelSpace(tasks=train.tasks, classes=train.classes, keypoint_schemas=train.keypoint_schemas)
     for i, (m, source) in enumerate(zip(manifests, sources)):
-        fed = source_task_names(m.name, list(m.tasks), train.tasks, source.tasks, where=f"eval.sources[{i}]")
+        fed = source_task_names(m.name, list(m.tasks), train.tasks, source.tasks, where=f"eval.sources[{i}]",
+                                label_fields=list(m.label_fields()))
         space.source_tasks[m.name] = fed
         thing_task = fed.get("detection") or next(
             (train.task(fed[t]).boxes_from for t in THING_TYPES if t in fed), None)
@@ -51,9 +52,10 @@ def map_eval_sources(train: LabelSpace, manifests: list[Manifest],
         if "semantic" in fed:
             space.semantic_remap[m.name] = _indices(m, m.semantic_classes, train.classes[fed["semantic"]],
                                                     "semantic_classes", fed["semantic"])
-        if "classification" in fed:
-            space.class_remap[m.name] = _indices(m, m.classes, train.classes[fed["classification"]], "classes",
-                                                 fed["classification"])
+        fields = m.label_fields()
+        for label, task in space.label_tasks(m.name).items():
+            what = "classes" if m.classes else f"image_labels[{label!r}]"
+            space.class_remap.setdefault(m.name, {})[label] = _indices(m, fields[label], train.classes[task], what, task)
         if "keypoints" in fed:
             assert m.keypoints is not None  # Manifest.validate guarantees it
             task = fed["keypoints"]

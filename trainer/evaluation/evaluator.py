@@ -32,6 +32,7 @@ from trainer.evaluation.accumulator import SourceAccumulator
 from trainer.evaluation.coco_metrics import CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.dense_metrics import (
+    TOP_K,
     class_confusion,
     classification_scores,
     semantic_scores,
@@ -39,7 +40,7 @@ from trainer.evaluation.dense_metrics import (
 )
 from trainer.evaluation.eval_sources import load_eval_manifests, map_eval_sources
 from data_pipelines.streaming.eval_loader import build_eval_loader, expected_images
-from trainer.evaluation.source_spec import SourceSpec, outputs_of, source_spec
+from trainer.evaluation.source_spec import SourceSpec, source_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def evaluate(
 
     Returns:
         ``{"val/<source>/<bbox|segm|keypoints>/<AP|AP50|...>", "val/<source>/semantic/<mIoU|pixel_acc>",
-        "val/<source>/classification/<top1|top5>": value, "eval/images", "eval/seconds",
+        "val/<source>/<classification task>/<top1|top5>": value, "eval/images", "eval/seconds",
         "eval/images_per_s"}``, the same dict on every rank.
     """
     started = time.perf_counter()
@@ -101,8 +102,7 @@ def evaluate(
                 outputs = model.predict(batch.images.to(device, non_blocking=True), tasks=sorted(tasks),
                                         image_sizes=image_sizes)
                 for output, record, input_size in zip(outputs, records, image_sizes):
-                    spec = specs[record.source]
-                    local[record.source].add(outputs_of(output, spec), record, spec=spec, input_size=input_size)
+                    local[record.source].add(output, record, spec=specs[record.source], input_size=input_size)
     finally:
         model.train(was_training)
 
@@ -168,9 +168,9 @@ def _score_and_write(
             side = spec.num_semantic_classes
             confusion = acc.confusion if acc.confusion is not None else torch.zeros(side, side, dtype=torch.int64)
             scores["semantic"] = semantic_scores(confusion, classes=spec.semantic_classes)
-        if spec.image_classes is not None:
-            scores["classification"] = classification_scores(acc.hits, acc.classified)
-            sources[name].update(_write_classifications(acc, spec, out_dir=out_dir))
+        for task in spec.image_classes:  # keyed by the classification task's name
+            scores[task] = classification_scores(acc.hits.get(task, dict.fromkeys(TOP_K, 0)), acc.classified.get(task, 0))
+            sources[name].update(_write_classifications(acc, spec, task, out_dir=out_dir))
         for task, values in scores.items():
             metrics.update({f"val/{name}/{task}/{k}": v for k, v in values.items()})
     seconds = time.perf_counter() - started
@@ -182,12 +182,11 @@ def _score_and_write(
     return metrics
 
 
-def _write_classifications(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> dict[str, str]:
-    """Per-image predictions and the confusion matrix of a classification source, by class name;
-    returns the summary entries naming the files."""
-    assert spec.image_classes is not None and spec.image_class_names is not None
-    names = spec.image_class_names
-    records = sorted(acc.classifications, key=lambda r: r["image_id"])
+def _write_classifications(acc: SourceAccumulator, spec: SourceSpec, task: str, *, out_dir: Path) -> dict[str, str]:
+    """Per-image predictions and the confusion matrix of one classification task of a source,
+    by class name; returns the summary entries naming the files."""
+    names = spec.image_class_names[task]
+    records = sorted(acc.classifications.get(task, []), key=lambda r: r["image_id"])
     lines = [
         json.dumps({
             "image_id": r["image_id"], "file_name": r["file_name"], "label": names[r["label"]],
@@ -196,13 +195,15 @@ def _write_classifications(acc: SourceAccumulator, spec: SourceSpec, *, out_dir:
         })
         for r in records
     ]
-    predictions = out_dir / f"{spec.name}_classification_predictions.jsonl"
+    predictions = out_dir / f"{spec.name}_{task}_predictions.jsonl"
     predictions.write_text("".join(line + "\n" for line in lines))
-    matrix = class_confusion([r["label"] for r in records], [r["top"][0] for r in records], classes=spec.image_classes)
-    confusion = out_dir / f"{spec.name}_classification_confusion.json"
-    classes = [names[c] for c in source_classes(spec.image_classes)]
-    confusion.write_text(json.dumps({"classes": classes, "matrix": matrix, "rows": "true class", "columns": "top-1 prediction"}))
-    return {"classification_predictions": predictions.name, "classification_confusion": confusion.name}
+    matrix = class_confusion([r["label"] for r in records], [r["top"][0] for r in records],
+                             classes=spec.image_classes[task])
+    confusion = out_dir / f"{spec.name}_{task}_confusion.json"
+    classes = [names[c] for c in source_classes(spec.image_classes[task])]
+    confusion.write_text(json.dumps({"source": spec.name, "task": task, "classes": classes, "matrix": matrix,
+                                     "rows": "true class", "columns": "top-1 prediction"}))
+    return {f"{task}_predictions": predictions.name, f"{task}_confusion": confusion.name}
 
 
 def _score_coco(acc: SourceAccumulator, spec: SourceSpec, *, out_dir: Path) -> tuple[dict[str, dict], dict]:

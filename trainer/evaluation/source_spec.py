@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import TASK_TYPES
 
 # COCOeval iouType of each instance-level task.
 IOU_TYPES: dict[str, str] = {"detection": "bbox", "instance_mask": "segm", "keypoints": "keypoints"}
@@ -29,11 +28,14 @@ class SourceSpec:
     # None: not scored on keypoints
     keypoint_indices: tuple[int, ...] | None
     semantic_classes: list[int] | None  # the source's label-space indices; None: not scored
-    image_classes: list[int] | None
-    image_class_names: dict[int, str] | None = None  # label-space index -> class name (classification)
+    # Per classification task the source feeds (one per image-label field): the label-space
+    # indices of its classes, and their names by index.
+    image_classes: dict[str, list[int]] = field(default_factory=dict)
+    image_class_names: dict[str, dict[int, str]] = field(default_factory=dict)
     num_semantic_classes: int  # label-space size, the confusion matrix side
     # The tasks (model heads) whose outputs this source is scored on, with the detection
-    # tasks its cascade tasks take boxes from: one task per type (see outputs_of).
+    # tasks its cascade tasks take boxes from: one task per type, several classification
+    # tasks (see outputs_of).
     tasks: tuple[str, ...] = ()
 
 
@@ -70,29 +72,30 @@ def source_spec(manifest: Manifest, label_space: LabelSpace) -> SourceSpec:
         kpt_oks_sigmas=list(manifest.keypoints.sigmas) if "keypoints" in iou_types and manifest.keypoints else None,
         keypoint_indices=tuple(label_space.keypoint_remap[manifest.name]) if "keypoints" in iou_types else None,
         semantic_classes=label_space.semantic_remap[manifest.name] if "semantic" in tasks else None,
-        image_classes=label_space.class_remap[manifest.name] if "classification" in tasks else None,
-        image_class_names=(
-            {i: label_space.classes[fed["classification"]][i] for i in label_space.class_remap[manifest.name]}
-            if "classification" in tasks else None
-        ),
+        image_classes={task: label_space.class_remap[manifest.name][label]
+                       for label, task in label_space.label_tasks(manifest.name).items()},
+        image_class_names={task: {i: label_space.classes[task][i] for i in label_space.class_remap[manifest.name][label]}
+                           for label, task in label_space.label_tasks(manifest.name).items()},
         num_semantic_classes=len(label_space.classes[fed["semantic"]]) if "semantic" in tasks else 0,
         tasks=_scored_tasks(fed, label_space),
     )
 
 
 def _scored_tasks(fed: dict[str, str], label_space: LabelSpace) -> tuple[str, ...]:
-    names = [fed[t] for t in TASK_TYPES if t in fed]
+    names = list(fed.values())
     boxes = [label_space.task(n).boxes_from for n in names if label_space.task(n).boxes_from is not None]
     return tuple(dict.fromkeys([*boxes, *names]))
 
 
 def outputs_of(output: dict[str, dict[str, Tensor]], spec: SourceSpec) -> dict[str, Tensor]:
-    """One image's ``MultiTaskModel.predict`` outputs (per task name) as the flat dict a
-    source is scored on: its tasks have one type each, so their keys (boxes, masks,
-    semantic_logits, class_logits, ...) do not collide."""
+    """One image's ``MultiTaskModel.predict`` outputs (per task name) as the flat dict its
+    source's instances and semantic mask are scored on: those tasks have one type each, so
+    their keys (boxes, masks, keypoints, semantic_logits) do not collide. Classification
+    tasks, which may be several, are read per task (``output[task]["class_logits"]``)."""
     flat: dict[str, Tensor] = {}
     for task in spec.tasks:
-        flat.update(output[task])
+        if task not in spec.image_classes:
+            flat.update(output[task])
     return flat
 
 

@@ -19,9 +19,10 @@ from trainer.evaluation.eval_sources import map_eval_sources
 from data_pipelines.streaming.eval_loader import EvalStream
 
 
-# The task type each output key belongs to (boxes, scores and labels: detection's).
+# The task type each output key belongs to (boxes, scores and labels: detection's);
+# classification's are "class_logits/<task>" here.
 OUTPUT_TYPES = {"boxes": "detection", "scores": "detection", "labels": "detection", "masks": "instance_mask",
-                "keypoints": "keypoints", "semantic_logits": "semantic", "class_logits": "classification"}
+                "keypoints": "keypoints", "semantic_logits": "semantic"}
 
 
 def image_digest(image: Tensor) -> str:
@@ -70,6 +71,9 @@ class GroundTruthModel(nn.Module):
         fed = self.space.source_tasks[source]
         nested: dict[str, dict[str, Tensor]] = {}
         for key, value in out.items():
+            if key.startswith("class_logits/"):  # one per classification task
+                nested[key.split("/", 1)[1]] = {"class_logits": value}
+                continue
             task = fed.get(OUTPUT_TYPES[key]) or fed.get("detection") or next(
                 (self.space.task(fed[t]).boxes_from for t in ("instance_mask", "keypoints") if t in fed), None)
             if task is not None:  # boxes of a source without instances: no task reads them
@@ -78,6 +82,11 @@ class GroundTruthModel(nn.Module):
 
     def _classes(self, source: str, task_type: str) -> int:
         return len(self.space.classes[self.space.source_tasks[source][task_type]])
+
+    def _class_outputs(self, sample: dict) -> dict[str, Tensor]:
+        """"class_logits/<task>": a one-hot of the sample's label, per classification task."""
+        return {f"class_logits/{key.split('/', 1)[1]}": F.one_hot(value, len(self.space.classes[key.split('/', 1)[1]])).float()
+                for key, value in sample.items() if key.startswith("class_label/")}
 
     def _outputs(self, sample: dict) -> dict[str, Tensor]:
         height, width = sample["image"].shape[-2:]
@@ -95,8 +104,7 @@ class GroundTruthModel(nn.Module):
             semantic = sample["semantic"].as_subclass(Tensor)
             semantic = torch.where(semantic == IGNORE_INDEX, 0, semantic)
             out["semantic_logits"] = F.one_hot(semantic, self._classes(sample["source"], "semantic")).permute(2, 0, 1).float()
-        if "class_label" in sample:
-            out["class_logits"] = F.one_hot(sample["class_label"], self._classes(sample["source"], "classification")).float()
+        out.update(self._class_outputs(sample))
         if self.noise:
             things = self._classes(sample["source"], "detection") if "detection" in self.space.source_tasks[
                 sample["source"]] else 1

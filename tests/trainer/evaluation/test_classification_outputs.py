@@ -18,8 +18,8 @@ class OneClassModel(GroundTruthModel):
 
     def _outputs(self, sample: dict) -> dict[str, torch.Tensor]:
         out = super()._outputs(sample)
-        if "class_logits" in out:
-            out["class_logits"] = F.one_hot(torch.tensor(0), self._classes(sample["source"], "classification")).float()
+        for key in [k for k in out if k.startswith("class_logits/")]:
+            out[key] = F.one_hot(torch.tensor(0), len(out[key])).float()
         return out
 
 
