@@ -26,7 +26,6 @@ def test_demo_config_loads_with_overrides():
         ("trainer.max_steps=five", "trainer.max_steps: expected an integer, got 'five'"),
         ("trainer.backend=horovod", "trainer.backend: expected one of"),
         ("optim.lr=-1", "optim.lr must be > 0"),
-        ("trainer.loss_weights.detectoin=2", "unknown task(s) ['detectoin']"),
     ],
 )
 def test_launch_rejects_bad_overrides_before_spawning(override, expected, capsys, tmp_path):
@@ -36,6 +35,18 @@ def test_launch_rejects_bad_overrides_before_spawning(override, expected, capsys
     assert code == 2
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_weight_of_no_task_is_refused_before_spawning(demo_sources, capsys, tmp_path):
+    # With model.tasks set, the config alone tells; derived from the sources, pre-flight does.
+    data = [*demo_source_overrides(demo_sources), *demo_source_overrides(demo_sources, split="val", section="eval")]
+    for extra in (["model.tasks=[detection,instance_mask,keypoints,semantic,classification]"], data):
+        code = main(["launch", DEMO, "--nproc-per-node", "2", f"run.dir={tmp_path}/run", *extra,
+                     "trainer.loss_weights.detectoin=2"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "trainer.loss_weights: unknown task(s) ['detectoin']" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()
 
 
 def test_missing_config_file_is_one_line_error(capsys, tmp_path):
