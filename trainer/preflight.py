@@ -65,10 +65,8 @@ def preflight_problems(cfg: JobConfig, *, world_size: int) -> list[str]:
 def check_resume_checkpoint(cfg: JobConfig, label_space: LabelSpace) -> None:
     """CheckpointLoadError when the checkpoint ``checkpoint.resume`` picks does not fit the
     config's model and training sources (nothing to check for a fresh run)."""
-    if cfg.checkpoint.resume == "never":
-        return
     checkpointer = Checkpointer(run_dir=cfg.run.dir, cfg=cfg.checkpoint, is_main=False)
-    path = checkpointer.latest() if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    path = checkpointer.resume_path()
     # A named checkpoint that is not there (or incomplete) is the ranks' to report, as a
     # resume failure (a Slurm job then ends FAILED, not requeued).
     if path is not None and (path / META_NAME).is_file():

@@ -178,10 +178,7 @@ class Trainer:
 
     # --- checkpoint state -------------------------------------------------------------
     def _maybe_resume(self) -> str | None:
-        resume = self.cfg.checkpoint.resume
-        if resume == "never":
-            return None
-        path = self.checkpointer.latest() if resume == "auto" else Path(resume)
+        path = self.checkpointer.resume_path()
         if path is None:
             return None
         meta = self.checkpointer.read_meta(path)

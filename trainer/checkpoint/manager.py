@@ -156,6 +156,14 @@ class Checkpointer:
         return (f"checkpoint step_{step}: {what}: {needed}, has {_fmt_bytes(free, 'after removing the partial')} "
                 f"free; {kept}")
 
+    def resume_path(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` picks: :meth:`latest` for "auto", the named
+        path, or None for "never" (and for "auto" in a fresh run)."""
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        return self.latest() if resume == "auto" else Path(resume)
+
     def latest(self) -> Path | None:
         """The checkpoint to resume from: the target of ``checkpoints/latest`` if complete.
         If ``latest`` is missing, dangling or points at an incomplete step while complete
