@@ -2,8 +2,8 @@
 each source's raw-id -> index mapping, and what each source covers of them.
 
 Sources name their classes; classes with the same name in two sources feeding one task
-are the same class. Order is the order of first appearance over the sources as configured, so the
-label space is a deterministic function of the config.
+are the same class. Order is the order of first appearance over the sources as configured,
+so the label space is a deterministic function of the config.
 
 Coverage (invariant 7 of the design): a source annotates only its own classes and
 keypoints; the others may be in its images unlabelled, so its samples must not train
@@ -13,9 +13,8 @@ annotates per task; the per-sample coverage vectors the losses read come from
 
 Keypoints merge by name: a keypoint task's unified schema is the largest schema among the
 sources feeding it (the first in config order on a tie), and every other source feeding it
-must name a subset of it; its
-keypoints are put at their unified indices and the rest are "not labelled" (visibility 0),
-which no keypoint loss trains on.
+must name a subset of it; its keypoints are put at their unified indices and the rest are
+"not labelled" (visibility 0), which no keypoint loss trains on.
 """
 from __future__ import annotations
 
@@ -72,6 +71,18 @@ class LabelSpace:
         classification, which has one per image-label field: :meth:`label_tasks`)."""
         assert task_type != "classification", "classification: label_tasks()"
         return self.source_tasks.get(source, {}).get(task_type)
+
+    def fed_tasks(self, source: str) -> list[str]:
+        """The tasks ``source``'s annotations train."""
+        return list(self.source_tasks.get(source, {}).values())
+
+    def thing_task(self, source: str) -> str | None:
+        """The detection task whose classes ``source``'s instance labels index: the one it
+        feeds, else the one its instance-mask task takes boxes from; None without any."""
+        fed = self.source_tasks.get(source, {})
+        if "detection" in fed:
+            return fed["detection"]
+        return self.task(fed["instance_mask"]).boxes_from if "instance_mask" in fed else None
 
     def label_tasks(self, source: str) -> dict[str, str]:
         """Image-label field -> the classification task it trains, for ``source``."""
@@ -131,7 +142,7 @@ class LabelSpace:
         stacks copies."""
         mask = self._task_masks.get(source)
         if mask is None:
-            mask = task_mask_for(list(self.source_tasks.get(source, {}).values()), self.task_names)
+            mask = task_mask_for(self.fed_tasks(source), self.task_names)
             self._task_masks[source] = mask
         return mask
 
@@ -142,7 +153,7 @@ class LabelSpace:
         table = {}
         for m in manifests:
             row = {}
-            for task in self.source_tasks.get(m.name, {}).values():
+            for task in self.fed_tasks(m.name):
                 indices = self.covered(m.name, task)
                 if indices is not None:
                     row[task] = f"{len(indices)}/{sizes[task]}"
@@ -250,8 +261,7 @@ def build_label_space(manifests: list[Manifest], tasks: list[TaskSpec] | None = 
                 space.classes[t.name] = list(schema.names)
     for m in manifests:
         fed = space.source_tasks[m.name]
-        thing_task = fed.get("detection") or next(
-            (space.task(fed[t]).boxes_from for t in THING_TYPES if t in fed), None)
+        thing_task = space.thing_task(m.name)
         if thing_task is not None:
             names = [c["name"] for c in m.categories]
             label = fed.get("detection") or fed["instance_mask"]

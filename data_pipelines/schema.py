@@ -54,15 +54,17 @@ COVERAGE_KEYS: dict[str, str] = {
 }
 # Per-sample targets keyed per task (prefix + task name): a source may feed several
 # classification tasks, each image then holding a label for each.
-TASK_TARGET_PREFIXES: tuple[str, ...] = ("class_label/", "class_coverage/")
+CLASS_LABEL_PREFIX = "class_label/"
+CLASS_COVERAGE_PREFIX = "class_coverage/"
+TASK_TARGET_PREFIXES: tuple[str, ...] = (CLASS_LABEL_PREFIX, CLASS_COVERAGE_PREFIX)
 
 
 def class_label_key(task: str) -> str:
-    return f"class_label/{task}"
+    return CLASS_LABEL_PREFIX + task
 
 
 def class_coverage_key(task: str) -> str:
-    return f"class_coverage/{task}"
+    return CLASS_COVERAGE_PREFIX + task
 
 # Semantic masks use this value for pixels without a label (the usual VOC/ADE convention).
 IGNORE_INDEX = 255

@@ -7,8 +7,8 @@ Output in ``out_dir``::
                         nothing else: no optimizer, no pickled objects
     model.json          what rebuilds and reads the model: the model config, its tasks (name,
                         type, boxes_from), the output sizes and label spaces (names by output
-                        index) per task, each keypoint task's schema with its OKS sigmas, the input normalisation and size, and the
-                        checkpoint it came from
+                        index) per task, each keypoint task's schema with its OKS sigmas, the
+                        input normalisation and size, and the checkpoint it came from
 
 Rebuilding needs no process group (see README, "Exporting a model")::
 
@@ -111,7 +111,7 @@ def export_spec(model_cfg: ModelConfig, label_space: LabelSpace, *, transforms: 
         "model": asdict(model_cfg) | {"tasks": {t.name: {"type": t.type, "boxes_from": t.boxes_from}
                                                 for t in label_space.tasks}},
         "num_classes": label_space.num_classes(),
-        "tasks": [{"name": t.name, "type": t.type, "boxes_from": t.boxes_from} for t in label_space.tasks],
+        "tasks": [asdict(t) for t in label_space.tasks],
         # Output index -> name, per task (predict() returns outputs per task name).
         "label_space": label_space.outputs(),
         # Per keypoint task, its (unified) schema.

@@ -112,7 +112,7 @@ class Trainer:
         self.tasks: list[str] = self.label_space.task_names
         self.balancing = LossBalancing(cfg.balancer, self.tasks, static_weights=cfg.trainer.loss_weights,
                                        world_size=dist_info.world_size,
-                                       source_tasks={m.name: list(self.label_space.source_tasks[m.name].values())
+                                       source_tasks={m.name: self.label_space.fed_tasks(m.name)
                                                      for m in self.manifests})
         self.backend = build_backend(cfg.trainer, model, optim=cfg.optim, device=self.device,
                                      micro_batch_size=cfg.data.batch_size, async_save=cfg.checkpoint.async_save,

@@ -20,13 +20,9 @@ import numpy as np
 import torch
 
 from data_pipelines.streaming.collate import images_to_float, pad_to_batch, sample_images, target_keys
-from data_pipelines.schema import Batch
+from data_pipelines.schema import CLASS_LABEL_PREFIX, Batch
 from data_pipelines.streaming.shared_memory import empty_for_transport
 
-# Targets with one value per sample (semantic, class_label/<task>), stacked; the others have
-# one row per instance (or class: coverage), concatenated.
-def _per_sample(key: str) -> bool:
-    return key == "semantic" or key.startswith("class_label/")
 _ALIGN = 64  # byte offset of every tensor in the buffer: any dtype may view it
 
 
@@ -62,6 +58,12 @@ class PackedBatch:
         """The same batch with its buffer in page-locked memory (called by the data loader's
         pin-memory thread), so that the copy to the GPU is asynchronous."""
         return replace(self, buffer=self.buffer.pin_memory())
+
+
+def _per_sample(key: str) -> bool:
+    """Targets with one value per sample (semantic, class_label/<task>) are stacked; the
+    others have one row per instance (or per class: coverage), concatenated."""
+    return key == "semantic" or key.startswith(CLASS_LABEL_PREFIX)
 
 
 def pack(samples: list[dict]) -> PackedBatch:

@@ -15,7 +15,6 @@ ranks differ by sampling noise, with ``homogeneous`` they agree), except
 from __future__ import annotations
 
 
-
 def source_counts(state: dict) -> dict[str, dict[str, int]]:
     """Per source (in layout order), ``{"samples": delivered, "bad": dropped}`` summed
     over the rank's readers, from ``MixedSourceStream.state_dict()``."""

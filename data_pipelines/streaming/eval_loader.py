@@ -18,7 +18,7 @@ from data_pipelines.streaming.collate import collate
 from data_pipelines.streaming.decode import decode_sample, full_size_semantic
 from data_pipelines.label_space import LabelSpace
 from data_pipelines.manifest import Manifest
-from data_pipelines.schema import Batch
+from data_pipelines.schema import CLASS_LABEL_PREFIX, Batch
 from data_pipelines.streaming.tar_samples import TarSamples
 from data_pipelines.streaming.transforms import build_eval_transforms
 from data_pipelines.streaming.config import TransformConfig
@@ -90,8 +90,8 @@ class EvalStream(IterableDataset):
             height=height,
             width=width,
             semantic=semantic,
-            class_labels={key.split("/", 1)[1]: int(value) for key, value in sample.items()
-                          if key.startswith("class_label/")},
+            class_labels={key.removeprefix(CLASS_LABEL_PREFIX): int(value) for key, value in sample.items()
+                          if key.startswith(CLASS_LABEL_PREFIX)},
             file_name=image.get("file_name"),
         )
         return self.transform(sample), record

@@ -239,7 +239,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, tasks: li
         # per sample); a generator of our own keeps the trainer's global RNG untouched.
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, rank, "torch")),
         targets=sampler.probabilities,
-        source_tasks={m.name: list(label_space.source_tasks[m.name].values()) for m in manifests},
+        source_tasks={m.name: label_space.fed_tasks(m.name) for m in manifests},
     )
     return loader, label_space, manifests
 

@@ -4,11 +4,12 @@ head's size and swap its classes, and the weights would load and predict the wro
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from data_pipelines.label_space import LabelSpace, output_differences
-from data_pipelines.tasks import CASCADE_TYPES, TaskSpec
+from data_pipelines.tasks import CASCADE_TYPES
 from models.config import ModelConfig
 from trainer.checkpoint.errors import CheckpointLoadError
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 def model_record(label_space: LabelSpace, model_cfg: ModelConfig) -> dict[str, Any]:
     """What meta.json records of the model's tasks and outputs, and of the settings that
     change what its weights compute (no parameter shape shows them)."""
-    return {"tasks": [_task_record(t) for t in label_space.tasks], "outputs": label_space.outputs(),
+    return {"tasks": [asdict(t) for t in label_space.tasks], "outputs": label_space.outputs(),
             "fcos_box_activation": model_cfg.fcos_box_activation}
 
 
@@ -36,7 +37,7 @@ def check_model_record(path: str | Path, meta: dict[str, Any], *, label_space: L
         log.info("checkpoint %s does not record its tasks and classes (an older polytask); not compared", path)
     else:
         saved_tasks, saved_outputs = recorded_tasks(meta)
-        current = [_task_record(t) for t in label_space.tasks]
+        current = [asdict(t) for t in label_space.tasks]
         if saved_tasks != current:
             problems.append(f"tasks: the checkpoint has {_describe(saved_tasks)}, the config (model.tasks) "
                             f"{_describe(current)}")
@@ -57,10 +58,6 @@ def recorded_tasks(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
               "semantic": "semantic_classes", "classification": "image_classes"}
     return ([{"name": t, "type": t, "boxes_from": "detection" if t in CASCADE_TYPES else None} for t in tasks],
             {t: list(outputs.get(legacy.get(t, t), [])) for t in tasks})
-
-
-def _task_record(task: TaskSpec) -> dict[str, Any]:
-    return {"name": task.name, "type": task.type, "boxes_from": task.boxes_from}
 
 
 def _describe(tasks: list[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ from trainer.evaluation.source_spec import SourceSpec, outputs_of
 
 @dataclass
 class SourceAccumulator:
-    """What one source's images produced: COCO results, confusion matrix, top-k hits.
+    """What one source's images produced: COCO results, confusion matrix, classifications.
 
     Small and picklable for the gather: masks are already RLE strings and dense outputs
     are reduced to counts.
@@ -22,11 +22,9 @@ class SourceAccumulator:
     image_ids: list[int] = field(default_factory=list)
     coco: dict[str, list[dict]] = field(default_factory=dict)  # iou type -> results
     confusion: Tensor | None = None  # semantic, [C, C] over the label space
-    # Per classification task: top-k hits, images classified, and per image: image_id,
-    # file_name, label and the top-5 (label-space indices) with their probabilities over
-    # the source's classes.
-    hits: dict[str, dict[int, int]] = field(default_factory=dict)
-    classified: dict[str, int] = field(default_factory=dict)
+    # Per classification task, one per image labelled for it: image_id, file_name, label and
+    # the top-5 (label-space indices) with their probabilities over the source's classes
+    # (top-k accuracy is counted from them).
     classifications: dict[str, list[dict]] = field(default_factory=dict)
 
     def add(
@@ -52,10 +50,6 @@ class SourceAccumulator:
             if label is None:  # this image is not labelled for the task
                 continue
             ranked, probabilities = ranked_classes(output[task]["class_logits"], classes=classes)
-            hits = self.hits.setdefault(task, dict.fromkeys(TOP_K, 0))
-            for k in TOP_K:
-                hits[k] += int(label in ranked[:k])
-            self.classified[task] = self.classified.get(task, 0) + 1
             self.classifications.setdefault(task, []).append({
                 "image_id": record.image_id, "file_name": record.file_name, "label": label,
                 "top": ranked[:max(TOP_K)], "scores": probabilities[:max(TOP_K)],
@@ -70,12 +64,6 @@ class SourceAccumulator:
                 merged.coco.setdefault(iou_type, []).extend(results)
             if part.confusion is not None:
                 merged.confusion = part.confusion if merged.confusion is None else merged.confusion + part.confusion
-            for task, hits in part.hits.items():
-                total = merged.hits.setdefault(task, dict.fromkeys(TOP_K, 0))
-                for k in TOP_K:
-                    total[k] += hits[k]
-            for task, count in part.classified.items():
-                merged.classified[task] = merged.classified.get(task, 0) + count
             for task, records in part.classifications.items():
                 merged.classifications.setdefault(task, []).extend(records)
         return merged

@@ -78,5 +78,8 @@ def class_confusion(labels: list[int], predictions: list[int], *, classes: list[
     return matrix
 
 
-def classification_scores(hits: dict[int, int], count: int) -> dict[str, float]:
-    return {f"top{k}": hits[k] / count if count else 0.0 for k in TOP_K}
+def classification_scores(records: list[dict]) -> dict[str, float]:
+    """Top-k accuracy over per-image records (``label``, and ``top``: the best classes in
+    order, at least max(``TOP_K``) of them or all the source has)."""
+    count = len(records)
+    return {f"top{k}": sum(r["label"] in r["top"][:k] for r in records) / count if count else 0.0 for k in TOP_K}

@@ -7,7 +7,7 @@ are mapped into that space by name, as ``build_label_space`` merges sources.
 """
 from __future__ import annotations
 
-from data_pipelines.label_space import THING_TYPES, LabelSpace, keypoint_remap, restrict_to_tasks
+from data_pipelines.label_space import LabelSpace, keypoint_remap, restrict_to_tasks
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.streaming.config import SourceConfig
 from data_pipelines.tasks import source_task_names
@@ -44,8 +44,7 @@ def map_eval_sources(train: LabelSpace, manifests: list[Manifest],
         fed = source_task_names(m.name, list(m.tasks), train.tasks, source.tasks, where=f"eval.sources[{i}]",
                                 label_fields=list(m.label_fields()))
         space.source_tasks[m.name] = fed
-        thing_task = fed.get("detection") or next(
-            (train.task(fed[t]).boxes_from for t in THING_TYPES if t in fed), None)
+        thing_task = space.thing_task(m.name)
         if thing_task is not None:
             indices = _indices(m, [c["name"] for c in m.categories], train.classes[thing_task], "categories", thing_task)
             space.category_to_index[m.name] = dict(zip((c["id"] for c in m.categories), indices))

@@ -32,7 +32,6 @@ from trainer.evaluation.accumulator import SourceAccumulator
 from trainer.evaluation.coco_metrics import CocoEvalParams, coco_stats, load_ground_truth
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.dense_metrics import (
-    TOP_K,
     class_confusion,
     classification_scores,
     semantic_scores,
@@ -169,7 +168,7 @@ def _score_and_write(
             confusion = acc.confusion if acc.confusion is not None else torch.zeros(side, side, dtype=torch.int64)
             scores["semantic"] = semantic_scores(confusion, classes=spec.semantic_classes)
         for task in spec.image_classes:  # keyed by the classification task's name
-            scores[task] = classification_scores(acc.hits.get(task, dict.fromkeys(TOP_K, 0)), acc.classified.get(task, 0))
+            scores[task] = classification_scores(acc.classifications.get(task, []))
             sources[name].update(_write_classifications(acc, spec, task, out_dir=out_dir))
         for task, values in scores.items():
             metrics.update({f"val/{name}/{task}/{k}": v for k, v in values.items()})
